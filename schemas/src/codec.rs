@@ -1,0 +1,626 @@
+//! Confluent wire format: `0x00`, a 4-byte big-endian schema id, an Avro body.
+//!
+//! The registry is reached only on a cache miss: once to register each
+//! (subject, schema) pair on first encode, once to fetch each unknown writer
+//! schema on first decode. After that, [`Codec::encode_cached`] and
+//! [`Codec::decode_cached`] are synchronous and never block, which is what the
+//! processor's hot path calls.
+//!
+//! A body is decoded with its *writer* schema (the one its id names) into the
+//! reader struct by field name, so records written with an older or newer
+//! compatible schema still decode (added fields take their serde defaults).
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::sync::{Arc, RwLock};
+
+use schema_registry_converter::async_impl::schema_registry::{
+    get_schema_by_id, post_schema, SrSettings,
+};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
+
+use crate::records::AvroRecord;
+use crate::topics::value_subject;
+
+/// Length of the Confluent header: magic byte plus schema id.
+pub const HEADER_LEN: usize = 5;
+pub const MAGIC_BYTE: u8 = 0;
+
+/// Why a payload could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("payload of {len} bytes is shorter than the 5-byte Confluent header")]
+    TooShort { len: usize },
+    #[error("magic byte is {0:#04x}, not 0x00: not Confluent wire format")]
+    WrongMagicByte(u8),
+    #[error("schema id {0} is not known to the schema registry")]
+    UnknownSchemaId(u32),
+    #[error("schema id {id} is record {found}, but {expected} was expected")]
+    WrongSchema {
+        id: u32,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("Avro body (schema id {id}) is truncated or corrupt: {reason}")]
+    CorruptBody { id: u32, reason: String },
+    #[error("schema id {id} names a schema that cannot be parsed: {reason}")]
+    BadWriterSchema { id: u32, reason: String },
+    #[error("could not encode {record}: {reason}")]
+    Encode {
+        record: &'static str,
+        reason: String,
+    },
+    #[error("schema registry {url}: {reason}")]
+    Registry {
+        url: String,
+        reason: String,
+        retryable: bool,
+    },
+}
+
+impl CodecError {
+    /// Whether trying again later can help (a registry outage can; a corrupt body cannot).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, CodecError::Registry { retryable: true, .. })
+    }
+
+    /// Short machine-readable reason, used in dead-letter headers and metrics labels.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            CodecError::TooShort { .. } => "too-short",
+            CodecError::WrongMagicByte(_) => "wrong-magic-byte",
+            CodecError::UnknownSchemaId(_) => "unknown-schema-id",
+            CodecError::WrongSchema { .. } => "wrong-schema",
+            CodecError::CorruptBody { .. } => "corrupt-body",
+            CodecError::BadWriterSchema { .. } => "bad-writer-schema",
+            CodecError::Encode { .. } => "encode-failed",
+            CodecError::Registry { .. } => "registry-unavailable",
+        }
+    }
+}
+
+/// Splits a framed payload into its schema id and Avro body.
+pub fn split_frame(payload: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    if payload.len() < HEADER_LEN {
+        return Err(CodecError::TooShort { len: payload.len() });
+    }
+    if payload[0] != MAGIC_BYTE {
+        return Err(CodecError::WrongMagicByte(payload[0]));
+    }
+    let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    Ok((id, &payload[HEADER_LEN..]))
+}
+
+/// A writer schema as fetched from the registry.
+struct WriterSchema {
+    full_name: String,
+    schema: serde_avro_fast::Schema,
+}
+
+/// Full name (`namespace.name`) of a record schema given as JSON text.
+pub fn record_full_name(schema_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(schema_json).ok()?;
+    let name = v.get("name")?.as_str()?;
+    if name.contains('.') {
+        return Some(name.to_owned());
+    }
+    match v.get("namespace").and_then(|n| n.as_str()) {
+        Some(ns) if !ns.is_empty() => Some(format!("{ns}.{name}")),
+        _ => Some(name.to_owned()),
+    }
+}
+
+#[derive(Default)]
+struct Caches {
+    /// Writer schemas by id.
+    by_id: HashMap<u32, Arc<WriterSchema>>,
+    /// Registered ids by (subject, record full name).
+    registered: HashMap<(String, &'static str), u32>,
+}
+
+/// Encodes and decodes Confluent-framed Avro; cheap to clone and share across tasks.
+#[derive(Clone)]
+pub struct Codec {
+    registry: Option<Arc<SrSettings>>,
+    url: String,
+    caches: Arc<RwLock<Caches>>,
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec").field("url", &self.url).finish()
+    }
+}
+
+impl Codec {
+    /// A codec backed by the schema registry at `url`.
+    pub fn new(url: &str) -> Result<Self, CodecError> {
+        let settings = SrSettings::new_builder(url.to_owned())
+            .set_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| registry_error(url, e))?;
+        Ok(Codec {
+            registry: Some(Arc::new(settings)),
+            url: url.to_owned(),
+            caches: Arc::default(),
+        })
+    }
+
+    /// A codec with no registry: only schemas added with [`Codec::insert_schema`]
+    /// are known. For tests and for tools that work on recorded payloads.
+    pub fn offline() -> Self {
+        Codec {
+            registry: None,
+            url: "(offline)".to_owned(),
+            caches: Arc::default(),
+        }
+    }
+
+    /// Makes `id` known as `schema_json` without asking the registry.
+    pub fn insert_schema(&self, id: u32, schema_json: &str) -> Result<(), CodecError> {
+        let writer = parse_writer(id, schema_json)?;
+        self.write_caches().by_id.insert(id, Arc::new(writer));
+        Ok(())
+    }
+
+    /// Registers `T`'s schema under `<topic>-value` (or finds its id if it is
+    /// already there) and caches the id. Fails if the registry rejects it as
+    /// incompatible with the subject's history.
+    pub async fn register<T: AvroRecord>(&self, topic: &str) -> Result<u32, CodecError> {
+        let subject = value_subject(topic);
+        if let Some(id) = self.cached_id::<T>(&subject) {
+            return Ok(id);
+        }
+        let registry = self.registry.as_ref().ok_or_else(|| CodecError::Registry {
+            url: self.url.clone(),
+            reason: format!("offline codec cannot register {subject}"),
+            retryable: false,
+        })?;
+        let supplied = SuppliedSchema::new(
+            Some(T::FULL_NAME.to_owned()),
+            SchemaType::Avro,
+            T::SCHEMA_JSON.to_owned(),
+        );
+        let registered = post_schema(registry, subject.clone(), supplied)
+            .await
+            .map_err(|e| registry_error(&self.url, e))?;
+        let id = registered.id;
+        let writer = parse_writer(id, T::SCHEMA_JSON)?;
+        let mut caches = self.write_caches();
+        caches.registered.insert((subject, T::FULL_NAME), id);
+        caches.by_id.entry(id).or_insert_with(|| Arc::new(writer));
+        Ok(id)
+    }
+
+    /// The id `T` was registered with under `<topic>-value`, if already known.
+    pub fn registered_id<T: AvroRecord>(&self, topic: &str) -> Option<u32> {
+        self.cached_id::<T>(&value_subject(topic))
+    }
+
+    fn cached_id<T: AvroRecord>(&self, subject: &str) -> Option<u32> {
+        let caches = self.read_caches();
+        caches
+            .registered
+            .get(&(subject.to_owned(), T::FULL_NAME))
+            .copied()
+    }
+
+    /// Encodes `value` framed with `id` into `out` (cleared first).
+    pub fn encode_with_id<T: AvroRecord>(
+        id: u32,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        out.clear();
+        out.push(MAGIC_BYTE);
+        out.extend_from_slice(&id.to_be_bytes());
+        let mut config = serde_avro_fast::ser::SerializerConfig::new(T::schema());
+        let buf = std::mem::take(out);
+        *out = serde_avro_fast::to_datum(value, buf, &mut config).map_err(|e| {
+            CodecError::Encode {
+                record: T::FULL_NAME,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Encodes `value` for `topic`, which must have been [`register`](Codec::register)ed.
+    pub fn encode_cached<T: AvroRecord>(
+        &self,
+        topic: &str,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        let id = self
+            .registered_id::<T>(topic)
+            .ok_or_else(|| CodecError::Encode {
+                record: T::FULL_NAME,
+                reason: format!("schema not registered for topic {topic}"),
+            })?;
+        Self::encode_with_id(id, value, out)
+    }
+
+    /// Registers on first use, then encodes.
+    pub async fn encode<T: AvroRecord>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+        let id = self.register::<T>(topic).await?;
+        let mut out = Vec::with_capacity(128);
+        Self::encode_with_id(id, value, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes a framed payload whose writer schema is already cached.
+    /// Returns [`CodecError::UnknownSchemaId`] on a cache miss; [`Codec::decode`]
+    /// then fetches the schema.
+    pub fn decode_cached<T: AvroRecord>(&self, payload: &[u8]) -> Result<T, CodecError> {
+        let (id, body) = split_frame(payload)?;
+        let writer = self
+            .read_caches()
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or(CodecError::UnknownSchemaId(id))?;
+        decode_body::<T>(id, &writer, body)
+    }
+
+    /// Decodes a framed payload, fetching its writer schema on first sight of its id.
+    pub async fn decode<T: AvroRecord>(&self, payload: &[u8]) -> Result<T, CodecError> {
+        match self.decode_cached::<T>(payload) {
+            Err(CodecError::UnknownSchemaId(id)) => {
+                self.fetch_schema(id).await?;
+                self.decode_cached::<T>(payload)
+            }
+            other => other,
+        }
+    }
+
+    /// Fetches schema `id` from the registry into the cache.
+    pub async fn fetch_schema(&self, id: u32) -> Result<(), CodecError> {
+        if self.read_caches().by_id.contains_key(&id) {
+            return Ok(());
+        }
+        let Some(registry) = self.registry.as_ref() else {
+            return Err(CodecError::UnknownSchemaId(id));
+        };
+        let registered = match get_schema_by_id(id, registry).await {
+            Ok(r) => r,
+            Err(e) if is_not_found(&e) => return Err(CodecError::UnknownSchemaId(id)),
+            Err(e) => return Err(registry_error(&self.url, e)),
+        };
+        if registered.schema_type != SchemaType::Avro {
+            return Err(CodecError::BadWriterSchema {
+                id,
+                reason: format!("schema type is {:?}, not Avro", registered.schema_type),
+            });
+        }
+        self.insert_schema(id, &registered.schema)
+    }
+
+    fn read_caches(&self) -> std::sync::RwLockReadGuard<'_, Caches> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // (each write is one insert), so a poisoned lock is still usable.
+        self.caches.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_caches(&self) -> std::sync::RwLockWriteGuard<'_, Caches> {
+        self.caches.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn parse_writer(id: u32, schema_json: &str) -> Result<WriterSchema, CodecError> {
+    let full_name = record_full_name(schema_json).ok_or_else(|| CodecError::BadWriterSchema {
+        id,
+        reason: "not a named record schema".to_owned(),
+    })?;
+    let schema = schema_json
+        .parse::<serde_avro_fast::Schema>()
+        .map_err(|e| CodecError::BadWriterSchema {
+            id,
+            reason: e.to_string(),
+        })?;
+    Ok(WriterSchema { full_name, schema })
+}
+
+fn decode_body<T: AvroRecord>(
+    id: u32,
+    writer: &WriterSchema,
+    body: &[u8],
+) -> Result<T, CodecError> {
+    if writer.full_name != T::FULL_NAME {
+        return Err(CodecError::WrongSchema {
+            id,
+            expected: T::FULL_NAME,
+            found: writer.full_name.clone(),
+        });
+    }
+    let mut state = serde_avro_fast::de::DeserializerState::from_reader(body, &writer.schema);
+    let value = serde::Deserialize::deserialize(state.deserializer()).map_err(|e| {
+        CodecError::CorruptBody {
+            id,
+            reason: e.to_string(),
+        }
+    })?;
+    // A well-formed body is consumed exactly; leftovers mean corruption or a
+    // payload written with a different schema under the same id.
+    let mut rest = state.into_reader().into_inner();
+    let left = rest.fill_buf().map(|b| b.len()).unwrap_or(0);
+    if left > 0 {
+        return Err(CodecError::CorruptBody {
+            id,
+            reason: format!("{left} bytes left over after the record"),
+        });
+    }
+    Ok(value)
+}
+
+fn is_not_found(e: &SRCError) -> bool {
+    // The converter flattens HTTP errors into text; Confluent's "not found"
+    // error codes are 40401 (subject) and 40403 (schema).
+    let text = format!("{e:?}");
+    text.contains("40403") || text.contains("404")
+}
+
+fn registry_error(url: &str, e: SRCError) -> CodecError {
+    CodecError::Registry {
+        url: url.to_owned(),
+        retryable: e.retriable,
+        reason: e.error.clone(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::records::*;
+
+    pub fn sample_impression() -> Impression {
+        Impression {
+            impression_id: "imp-1".into(),
+            event_time: 1_700_000_000_123,
+            campaign_id: "c-7".into(),
+            ad_id: "ad-3".into(),
+            search_keyword: "running shoes".into(),
+            user_id: "u-9".into(),
+            user_ip: "2001:db8::1".into(),
+            state: "US-CA".into(),
+            device_type: "mobile".into(),
+            cost_micros: 1_250,
+            metadata: [("src".to_owned(), "test".to_owned())].into(),
+        }
+    }
+    pub fn sample_click() -> Click {
+        Click {
+            click_id: "clk-1".into(),
+            impression_id: "imp-1".into(),
+            event_time: 1_700_000_004_000,
+            user_ip: "10.1.2.3".into(),
+            cost_micros: 420_000,
+        }
+    }
+    pub fn sample_conversion() -> Conversion {
+        Conversion {
+            conversion_id: "cv-1".into(),
+            click_id: "clk-1".into(),
+            impression_id: "imp-1".into(),
+            event_time: 1_700_000_900_000,
+            conversion_type: "signup".into(),
+            revenue_micros: 19_990_000,
+        }
+    }
+    pub fn sample_ad_metric() -> AdMetric {
+        AdMetric {
+            window_start: 1_700_000_040_000,
+            window_end: 1_700_000_100_000,
+            campaign_id: "c-7".into(),
+            ad_id: "ad-3".into(),
+            search_keyword: "running shoes".into(),
+            state: "US-CA".into(),
+            ip_range: "2001:db8::/48".into(),
+            device_type: "mobile".into(),
+            impressions: 10,
+            clicks: 0,
+            conversions: 0,
+            cost_micros: 12_500,
+            revenue_micros: 0,
+            ctr: Some(0.0),
+            conversion_rate: None,
+        }
+    }
+    pub fn sample_campaign_ctr() -> CampaignCtr {
+        CampaignCtr {
+            window_start: 1_700_000_040_000,
+            window_end: 1_700_000_100_000,
+            campaign_id: "c-7".into(),
+            impressions: 10,
+            clicks: 3,
+            conversions: 1,
+            cost_micros: 1_012_500,
+            revenue_micros: 19_990_000,
+            ctr: Some(0.3),
+            conversion_rate: Some(1.0 / 3.0),
+        }
+    }
+    pub fn sample_alert() -> AnomalyAlert {
+        AnomalyAlert {
+            alert_id: "c-7:CTR:SPIKE:1700000040000".into(),
+            campaign_id: "c-7".into(),
+            metric: "CTR".into(),
+            kind: "SPIKE".into(),
+            window_start: 1_700_000_040_000,
+            window_end: 1_700_000_100_000,
+            value: 0.3,
+            baseline: 0.02,
+            score: 7.5,
+            impressions: 1000,
+            clicks: 300,
+            detected_at: 1_700_000_200_000,
+        }
+    }
+
+    fn codec_with<T: AvroRecord>(id: u32) -> Codec {
+        let codec = Codec::offline();
+        codec.insert_schema(id, T::SCHEMA_JSON).expect("schema");
+        codec
+    }
+
+    fn round_trip<T: AvroRecord + PartialEq + std::fmt::Debug>(value: T) {
+        let codec = codec_with::<T>(42);
+        let mut buf = Vec::new();
+        Codec::encode_with_id(42, &value, &mut buf).expect("encode");
+        assert_eq!(&buf[..5], &[0, 0, 0, 0, 42]);
+        let back: T = codec.decode_cached(&buf).expect("decode");
+        assert_eq!(back, value);
+        // Cross-check the body against apache-avro, an independent implementation.
+        let schema = apache_avro::Schema::parse_str(T::SCHEMA_JSON).expect("schema");
+        let mut body = &buf[5..];
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .expect("reader");
+        let again: T = reader.read_deser(&mut body).expect("apache-avro reads it");
+        assert!(body.is_empty(), "apache-avro consumed the whole body");
+        assert_eq!(again, value);
+    }
+
+    #[test]
+    fn round_trip_every_record() {
+        round_trip(sample_impression());
+        round_trip(sample_click());
+        round_trip(sample_conversion());
+        round_trip(sample_ad_metric());
+        round_trip(sample_campaign_ctr());
+        round_trip(sample_alert());
+    }
+
+    #[test]
+    fn too_short() {
+        let codec = codec_with::<Click>(1);
+        for len in 0..5 {
+            let err = codec.decode_cached::<Click>(&vec![0u8; len]).unwrap_err();
+            assert!(matches!(err, CodecError::TooShort { len: l } if l == len), "{err}");
+        }
+    }
+
+    #[test]
+    fn wrong_magic_byte() {
+        let codec = codec_with::<Click>(1);
+        let mut buf = Vec::new();
+        Codec::encode_with_id(1, &sample_click(), &mut buf).expect("encode");
+        buf[0] = b'{';
+        let err = codec.decode_cached::<Click>(&buf).unwrap_err();
+        assert!(matches!(err, CodecError::WrongMagicByte(b'{')), "{err}");
+        assert_eq!(err.reason_code(), "wrong-magic-byte");
+    }
+
+    #[test]
+    fn unknown_schema_id() {
+        let codec = codec_with::<Click>(1);
+        let mut buf = Vec::new();
+        Codec::encode_with_id(77, &sample_click(), &mut buf).expect("encode");
+        let err = codec.decode_cached::<Click>(&buf).unwrap_err();
+        assert!(matches!(err, CodecError::UnknownSchemaId(77)), "{err}");
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn offline_decode_of_unknown_id_is_unknown_schema() {
+        let codec = Codec::offline();
+        let mut buf = Vec::new();
+        Codec::encode_with_id(5, &sample_click(), &mut buf).expect("encode");
+        let err = codec.decode::<Click>(&buf).await.unwrap_err();
+        assert!(matches!(err, CodecError::UnknownSchemaId(5)), "{err}");
+    }
+
+    #[test]
+    fn truncated_body() {
+        let codec = codec_with::<Impression>(3);
+        let mut buf = Vec::new();
+        Codec::encode_with_id(3, &sample_impression(), &mut buf).expect("encode");
+        for cut in [6, buf.len() / 2, buf.len() - 1] {
+            let err = codec.decode_cached::<Impression>(&buf[..cut]).unwrap_err();
+            assert!(matches!(err, CodecError::CorruptBody { id: 3, .. }), "cut {cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn corrupt_body() {
+        let codec = codec_with::<Click>(3);
+        // A string length of -1 (zigzag 0x01) is impossible.
+        let err = codec
+            .decode_cached::<Click>(&[0, 0, 0, 0, 3, 0x01, b'x'])
+            .unwrap_err();
+        assert!(matches!(err, CodecError::CorruptBody { .. }), "{err}");
+        // Trailing garbage after a valid record.
+        let mut buf = Vec::new();
+        Codec::encode_with_id(3, &sample_click(), &mut buf).expect("encode");
+        buf.extend_from_slice(&[1, 2, 3]);
+        let err = codec.decode_cached::<Click>(&buf).unwrap_err();
+        assert!(
+            matches!(&err, CodecError::CorruptBody { reason, .. } if reason.contains("3 bytes left")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn record_of_the_wrong_schema() {
+        let codec = Codec::offline();
+        codec.insert_schema(1, Click::SCHEMA_JSON).expect("schema");
+        let mut buf = Vec::new();
+        Codec::encode_with_id(1, &sample_click(), &mut buf).expect("encode");
+        let err = codec.decode_cached::<Impression>(&buf).unwrap_err();
+        match err {
+            CodecError::WrongSchema { id, expected, found } => {
+                assert_eq!(id, 1);
+                assert_eq!(expected, "adstream.events.Impression");
+                assert_eq!(found, "adstream.events.Click");
+            }
+            other => panic!("expected WrongSchema, got {other}"),
+        }
+    }
+
+    #[test]
+    fn older_writer_schema_decodes_with_defaults() {
+        // A Conversion written before conversion_type existed.
+        let old = r#"{"type":"record","name":"Conversion","namespace":"adstream.events","fields":[
+            {"name":"conversion_id","type":"string"},{"name":"click_id","type":"string"},
+            {"name":"impression_id","type":"string"},
+            {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}},
+            {"name":"revenue_micros","type":"long"}]}"#;
+        let codec = Codec::offline();
+        codec.insert_schema(9, old).expect("schema");
+        let schema: serde_avro_fast::Schema = old.parse().expect("parse");
+        #[derive(serde::Serialize)]
+        struct OldConversion<'a> {
+            conversion_id: &'a str,
+            click_id: &'a str,
+            impression_id: &'a str,
+            event_time: i64,
+            revenue_micros: i64,
+        }
+        let body = serde_avro_fast::to_datum_vec(
+            &OldConversion {
+                conversion_id: "cv",
+                click_id: "ck",
+                impression_id: "im",
+                event_time: 5,
+                revenue_micros: 7,
+            },
+            &mut serde_avro_fast::ser::SerializerConfig::new(&schema),
+        )
+        .expect("encode");
+        let mut buf = vec![0, 0, 0, 0, 9];
+        buf.extend_from_slice(&body);
+        let conv: Conversion = codec.decode_cached(&buf).expect("decode");
+        assert_eq!(conv.conversion_type, "purchase");
+        assert_eq!(conv.revenue_micros, 7);
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        Codec::encode_with_id(1, &sample_impression(), &mut a).expect("encode");
+        Codec::encode_with_id(1, &sample_impression(), &mut b).expect("encode");
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,205 @@
+//! The records of CONTRACT.md.
+//!
+//! Each struct mirrors its `.avsc` file in `schemas/avro/` field for field and
+//! in order (Avro binary has no field names, so order matters when encoding).
+//! Times are epoch milliseconds (`timestamp-millis`), money is integer micros.
+//! `metadata` is a `BTreeMap` so that encoding is byte-for-byte deterministic.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A record with a fixed Avro schema.
+pub trait AvroRecord: Serialize + DeserializeOwned {
+    /// Full name, e.g. `adstream.events.Impression`.
+    const FULL_NAME: &'static str;
+    /// The `.avsc` text.
+    const SCHEMA_JSON: &'static str;
+    /// The parsed schema, built once per process.
+    fn schema() -> &'static serde_avro_fast::Schema;
+}
+
+macro_rules! avro_record {
+    ($ty:ty, $name:literal, $file:literal) => {
+        impl AvroRecord for $ty {
+            const FULL_NAME: &'static str = $name;
+            const SCHEMA_JSON: &'static str = include_str!(concat!("../avro/", $file));
+            fn schema() -> &'static serde_avro_fast::Schema {
+                static SCHEMA: OnceLock<serde_avro_fast::Schema> = OnceLock::new();
+                SCHEMA.get_or_init(|| {
+                    Self::SCHEMA_JSON
+                        .parse()
+                        .expect(concat!("schemas/avro/", $file, " is a valid Avro schema"))
+                })
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Impression {
+    pub impression_id: String,
+    pub event_time: i64,
+    pub campaign_id: String,
+    pub ad_id: String,
+    pub search_keyword: String,
+    pub user_id: String,
+    pub user_ip: String,
+    pub state: String,
+    pub device_type: String,
+    pub cost_micros: i64,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+avro_record!(Impression, "adstream.events.Impression", "impression.avsc");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Click {
+    pub click_id: String,
+    pub impression_id: String,
+    pub event_time: i64,
+    pub user_ip: String,
+    pub cost_micros: i64,
+}
+avro_record!(Click, "adstream.events.Click", "click.avsc");
+
+fn default_conversion_type() -> String {
+    "purchase".to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub conversion_id: String,
+    pub click_id: String,
+    pub impression_id: String,
+    pub event_time: i64,
+    #[serde(default = "default_conversion_type")]
+    pub conversion_type: String,
+    pub revenue_micros: i64,
+}
+avro_record!(Conversion, "adstream.events.Conversion", "conversion.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdMetric {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub campaign_id: String,
+    pub ad_id: String,
+    pub search_keyword: String,
+    pub state: String,
+    pub ip_range: String,
+    pub device_type: String,
+    pub impressions: i64,
+    pub clicks: i64,
+    pub conversions: i64,
+    pub cost_micros: i64,
+    pub revenue_micros: i64,
+    pub ctr: Option<f64>,
+    pub conversion_rate: Option<f64>,
+}
+avro_record!(AdMetric, "adstream.results.AdMetric", "ad_metric.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignCtr {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub campaign_id: String,
+    pub impressions: i64,
+    pub clicks: i64,
+    pub conversions: i64,
+    pub cost_micros: i64,
+    pub revenue_micros: i64,
+    pub ctr: Option<f64>,
+    pub conversion_rate: Option<f64>,
+}
+avro_record!(CampaignCtr, "adstream.results.CampaignCtr", "campaign_ctr.avsc");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyAlert {
+    pub alert_id: String,
+    pub campaign_id: String,
+    pub metric: String,
+    pub kind: String,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub value: f64,
+    pub baseline: f64,
+    pub score: f64,
+    pub impressions: i64,
+    pub clicks: i64,
+    pub detected_at: i64,
+}
+avro_record!(AnomalyAlert, "adstream.results.AnomalyAlert", "anomaly_alert.avsc");
+
+/// `numerator / denominator`, or `None` when the denominator is 0 (CONTRACT.md's rates).
+pub fn rate(numerator: i64, denominator: i64) -> Option<f64> {
+    (denominator != 0).then(|| numerator as f64 / denominator as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Field names and order of each struct must equal its .avsc file.
+    fn avsc_fields(json: &str) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(json).expect("valid json");
+        v["fields"]
+            .as_array()
+            .expect("fields")
+            .iter()
+            .map(|f| f["name"].as_str().expect("name").to_owned())
+            .collect()
+    }
+
+    fn struct_fields<T: Serialize>(sample: &T) -> Vec<String> {
+        // serde_json's `preserve_order` keeps the struct's field order.
+        match serde_json::to_value(sample).expect("serialize") {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            other => panic!("not a struct: {other}"),
+        }
+    }
+
+    #[test]
+    fn structs_match_avsc_field_order() {
+        let imp = crate::codec::tests::sample_impression();
+        assert_eq!(struct_fields(&imp), avsc_fields(Impression::SCHEMA_JSON));
+        let click = crate::codec::tests::sample_click();
+        assert_eq!(struct_fields(&click), avsc_fields(Click::SCHEMA_JSON));
+        let conv = crate::codec::tests::sample_conversion();
+        assert_eq!(struct_fields(&conv), avsc_fields(Conversion::SCHEMA_JSON));
+        let m = crate::codec::tests::sample_ad_metric();
+        assert_eq!(struct_fields(&m), avsc_fields(AdMetric::SCHEMA_JSON));
+        let c = crate::codec::tests::sample_campaign_ctr();
+        assert_eq!(struct_fields(&c), avsc_fields(CampaignCtr::SCHEMA_JSON));
+        let a = crate::codec::tests::sample_alert();
+        assert_eq!(struct_fields(&a), avsc_fields(AnomalyAlert::SCHEMA_JSON));
+    }
+
+    #[test]
+    fn full_names_match_schemas() {
+        fn check<T: AvroRecord>() {
+            let v: serde_json::Value = serde_json::from_str(T::SCHEMA_JSON).expect("json");
+            let full = format!(
+                "{}.{}",
+                v["namespace"].as_str().expect("namespace"),
+                v["name"].as_str().expect("name")
+            );
+            assert_eq!(full, T::FULL_NAME);
+            let _ = T::schema();
+        }
+        check::<Impression>();
+        check::<Click>();
+        check::<Conversion>();
+        check::<AdMetric>();
+        check::<CampaignCtr>();
+        check::<AnomalyAlert>();
+    }
+
+    #[test]
+    fn rate_is_null_on_zero_denominator() {
+        assert_eq!(rate(1, 0), None);
+        assert_eq!(rate(1, 4), Some(0.25));
+    }
+}
