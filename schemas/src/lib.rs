@@ -14,6 +14,7 @@
 //! record written by one crate is always readable by another.
 
 pub mod codec;
+pub mod config;
 pub mod records;
 pub mod topics;
 
