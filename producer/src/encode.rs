@@ -16,7 +16,11 @@ pub struct SchemaIds {
 pub const UNKNOWN_SCHEMA_ID: u32 = 0x7fff_fff0;
 
 /// Encodes `payload` into `out` (cleared first).
-pub fn encode_payload(payload: &Payload, ids: &SchemaIds, out: &mut Vec<u8>) -> Result<(), CodecError> {
+pub fn encode_payload(
+    payload: &Payload,
+    ids: &SchemaIds,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
     match payload {
         Payload::Impression(r) => Codec::encode_with_id(ids.impression, r, out),
         Payload::Click(r) => Codec::encode_with_id(ids.click, r, out),
@@ -40,7 +44,9 @@ pub fn encode_payload(payload: &Payload, ids: &SchemaIds, out: &mut Vec<u8>) -> 
             Broken::Truncated { payload, keep } => {
                 encode_payload(payload, ids, out)?;
                 let body = out.len() - adstream_schemas::codec::HEADER_LEN;
-                out.truncate(adstream_schemas::codec::HEADER_LEN + (*keep).min(body.saturating_sub(1)));
+                out.truncate(
+                    adstream_schemas::codec::HEADER_LEN + (*keep).min(body.saturating_sub(1)),
+                );
                 Ok(())
             }
             Broken::WrongRecord(inner) => encode_payload(inner, ids, out),
@@ -82,15 +88,21 @@ mod tests {
             encode_payload(&r.payload, &IDS, &mut out).expect("encode");
             let topic = r.topic;
             let decoded: Result<(), CodecError> = match topic {
-                crate::generator::InputTopic::Impressions => codec.decode_cached::<Impression>(&out).map(|v| {
-                    assert_eq!(Payload::Impression(v), r.payload);
-                }),
-                crate::generator::InputTopic::Clicks => codec.decode_cached::<Click>(&out).map(|v| {
-                    assert_eq!(Payload::Click(v), r.payload);
-                }),
-                crate::generator::InputTopic::Conversions => codec.decode_cached::<Conversion>(&out).map(|v| {
-                    assert_eq!(Payload::Conversion(v), r.payload);
-                }),
+                crate::generator::InputTopic::Impressions => {
+                    codec.decode_cached::<Impression>(&out).map(|v| {
+                        assert_eq!(Payload::Impression(v), r.payload);
+                    })
+                }
+                crate::generator::InputTopic::Clicks => {
+                    codec.decode_cached::<Click>(&out).map(|v| {
+                        assert_eq!(Payload::Click(v), r.payload);
+                    })
+                }
+                crate::generator::InputTopic::Conversions => {
+                    codec.decode_cached::<Conversion>(&out).map(|v| {
+                        assert_eq!(Payload::Conversion(v), r.payload);
+                    })
+                }
             };
             match (&r.payload, decoded) {
                 (Payload::Broken(b), Err(e)) => {

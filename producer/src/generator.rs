@@ -38,7 +38,11 @@ pub enum InputTopic {
 }
 
 impl InputTopic {
-    pub const ALL: [InputTopic; 3] = [InputTopic::Impressions, InputTopic::Clicks, InputTopic::Conversions];
+    pub const ALL: [InputTopic; 3] = [
+        InputTopic::Impressions,
+        InputTopic::Clicks,
+        InputTopic::Conversions,
+    ];
 
     /// CONTRACT.md's topic name (before any test prefix).
     pub fn name(self) -> &'static str {
@@ -196,14 +200,56 @@ pub struct CampaignProfile {
 }
 
 const ADJECTIVES: [&str; 24] = [
-    "cheap", "best", "organic", "used", "wireless", "luxury", "vintage", "kids", "smart", "portable",
-    "waterproof", "electric", "handmade", "discount", "premium", "compact", "classic", "eco",
-    "gaming", "outdoor", "mens", "womens", "refurbished", "local",
+    "cheap",
+    "best",
+    "organic",
+    "used",
+    "wireless",
+    "luxury",
+    "vintage",
+    "kids",
+    "smart",
+    "portable",
+    "waterproof",
+    "electric",
+    "handmade",
+    "discount",
+    "premium",
+    "compact",
+    "classic",
+    "eco",
+    "gaming",
+    "outdoor",
+    "mens",
+    "womens",
+    "refurbished",
+    "local",
 ];
 const NOUNS: [&str; 24] = [
-    "running shoes", "headphones", "coffee", "laptop", "sofa", "tent", "bike", "watch", "camera",
-    "blender", "backpack", "jacket", "mattress", "phone case", "sunglasses", "desk", "guitar",
-    "drone", "vacuum", "skincare", "flights", "hotel", "insurance", "pizza",
+    "running shoes",
+    "headphones",
+    "coffee",
+    "laptop",
+    "sofa",
+    "tent",
+    "bike",
+    "watch",
+    "camera",
+    "blender",
+    "backpack",
+    "jacket",
+    "mattress",
+    "phone case",
+    "sunglasses",
+    "desk",
+    "guitar",
+    "drone",
+    "vacuum",
+    "skincare",
+    "flights",
+    "hotel",
+    "insurance",
+    "pizza",
 ];
 const STATES: [&str; 51] = [
     "US-CA", "US-TX", "US-FL", "US-NY", "US-PA", "US-IL", "US-OH", "US-GA", "US-NC", "US-MI",
@@ -214,7 +260,13 @@ const STATES: [&str; 51] = [
     "US-WY",
 ];
 /// Device mix in percent: desktop, mobile, tablet, ctv, other.
-const DEVICES: [(&str, u64); 5] = [("desktop", 42), ("mobile", 44), ("tablet", 8), ("ctv", 4), ("other", 2)];
+const DEVICES: [(&str, u64); 5] = [
+    ("desktop", 42),
+    ("mobile", 44),
+    ("tablet", 8),
+    ("ctv", 4),
+    ("other", 2),
+];
 
 /// SplitMix64: a fixed, well-mixed hash of a counter, used for ids and per-user traits.
 fn mix(mut x: u64) -> u64 {
@@ -249,7 +301,13 @@ fn user_traits(seed: u64, user: u64, ipv6_share: f64) -> UserTraits {
         .to_string()
     } else {
         let a = 11 + (site % 200) as u8;
-        Ipv4Addr::new(a, (site >> 16) as u8, (site >> 24) as u8, 1 + (h % 254) as u8).to_string()
+        Ipv4Addr::new(
+            a,
+            (site >> 16) as u8,
+            (site >> 24) as u8,
+            1 + (h % 254) as u8,
+        )
+        .to_string()
     };
     // Zipf-like state skew: square a uniform to favour the first (largest) states.
     let u = ((h >> 20) % 1_000_000) as f64 / 1_000_000.0;
@@ -263,11 +321,7 @@ fn user_traits(seed: u64, user: u64, ipv6_share: f64) -> UserTraits {
         }
         d -= pct;
     }
-    UserTraits {
-        ip,
-        state,
-        device,
-    }
+    UserTraits { ip, state, device }
 }
 
 /// Scheduled record, ordered by (emit time, sequence number).
@@ -331,7 +385,9 @@ impl Generator {
                     id: format!("cmp-{:04}", i + 1),
                     ctr,
                     cvr,
-                    ads: (0..n_ads).map(|a| format!("ad-{:04}-{:02}", i + 1, a + 1)).collect(),
+                    ads: (0..n_ads)
+                        .map(|a| format!("ad-{:04}-{:02}", i + 1, a + 1))
+                        .collect(),
                     impression_cost_micros: rng.random_range(200..5_000),
                     click_cost_micros: rng.random_range(50_000..2_500_000),
                     order_value_micros: rng.random_range(5_000_000..150_000_000),
@@ -357,7 +413,8 @@ impl Generator {
             keyword_zipf: zipf(keywords.len(), 1.05),
             user_zipf: zipf(cfg.users.max(1), 0.9),
             click_delay: LogNormal::new((15_000f64).ln(), 1.0).expect("valid lognormal"),
-            conversion_delay: LogNormal::new((20.0 * 60_000f64).ln(), 1.2).expect("valid lognormal"),
+            conversion_delay: LogNormal::new((20.0 * 60_000f64).ln(), 1.2)
+                .expect("valid lognormal"),
             clock: cfg.start_time_ms,
             clock_f: cfg.start_time_ms as f64,
             keywords,
@@ -395,7 +452,9 @@ impl Generator {
         self.cfg
             .episodes
             .iter()
-            .filter(|e| e.metric == metric && e.campaign == campaign && (e.start_ms..e.end_ms).contains(&t))
+            .filter(|e| {
+                e.metric == metric && e.campaign == campaign && (e.start_ms..e.end_ms).contains(&t)
+            })
             .map(|e| e.factor)
             .product()
     }
@@ -407,9 +466,18 @@ impl Generator {
     /// Schedules `record` (and maybe a duplicate of it) by its event time.
     fn schedule(&mut self, event_time: i64, record: GeneratedRecord) {
         let max_disorder = self.cfg.max_disorder_ms.max(0);
-        let (emit_at, record) = if record.label == Label::Normal && self.chance(self.cfg.late_rate) {
-            let beyond = self.rng.random_range(1_000..=self.cfg.max_lateness_ms.max(1_001));
-            (event_time + max_disorder + beyond, GeneratedRecord { label: Label::Late, ..record })
+        let (emit_at, record) = if record.label == Label::Normal && self.chance(self.cfg.late_rate)
+        {
+            let beyond = self
+                .rng
+                .random_range(1_000..=self.cfg.max_lateness_ms.max(1_001));
+            (
+                event_time + max_disorder + beyond,
+                GeneratedRecord {
+                    label: Label::Late,
+                    ..record
+                },
+            )
         } else {
             (event_time + self.rng.random_range(0..=max_disorder), record)
         };
@@ -462,7 +530,15 @@ impl Generator {
         let impression_id = self.next_id("imp-");
         let mut metadata = std::collections::BTreeMap::new();
         if self.rng.random::<f64>() < 0.3 {
-            metadata.insert("placement".to_owned(), if self.rng.random::<bool>() { "top" } else { "side" }.to_owned());
+            metadata.insert(
+                "placement".to_owned(),
+                if self.rng.random::<bool>() {
+                    "top"
+                } else {
+                    "side"
+                }
+                .to_owned(),
+            );
         }
         let imp = Impression {
             impression_id: impression_id.clone(),
@@ -489,16 +565,26 @@ impl Generator {
 
         let p_click = (base_ctr * self.factor(&campaign_id, Metric::Ctr, t)).min(1.0);
         let clicks = if self.chance(p_click) {
-            if self.chance(0.05) { 2 } else { 1 }
+            if self.chance(0.05) {
+                2
+            } else {
+                1
+            }
         } else {
             0
         };
         for _ in 0..clicks {
             let (delay, label) = if self.chance(self.cfg.beyond_window_rate) {
-                (self.cfg.click_window_ms + self.rng.random_range(1..600_000), Label::BeyondWindow)
+                (
+                    self.cfg.click_window_ms + self.rng.random_range(1..600_000),
+                    Label::BeyondWindow,
+                )
             } else {
                 let d = self.click_delay.sample(&mut self.rng) as i64;
-                (d.clamp(200, self.cfg.click_window_ms * 9 / 10), Label::Normal)
+                (
+                    d.clamp(200, self.cfg.click_window_ms * 9 / 10),
+                    Label::Normal,
+                )
             };
             let ct = t + delay;
             let click_id = self.next_id("clk-");
@@ -523,13 +609,20 @@ impl Generator {
                     label,
                 },
             );
-            let p_conv = (base_cvr * self.factor(&campaign_id, Metric::ConversionRate, ct)).min(1.0);
+            let p_conv =
+                (base_cvr * self.factor(&campaign_id, Metric::ConversionRate, ct)).min(1.0);
             if self.chance(p_conv) {
                 let (delay, label) = if self.chance(self.cfg.beyond_window_rate) {
-                    (self.cfg.conversion_window_ms + self.rng.random_range(1..3_600_000), Label::BeyondWindow)
+                    (
+                        self.cfg.conversion_window_ms + self.rng.random_range(1..3_600_000),
+                        Label::BeyondWindow,
+                    )
                 } else {
                     let d = self.conversion_delay.sample(&mut self.rng) as i64;
-                    (d.clamp(1_000, self.cfg.conversion_window_ms * 9 / 10), Label::Normal)
+                    (
+                        d.clamp(1_000, self.cfg.conversion_window_ms * 9 / 10),
+                        Label::Normal,
+                    )
                 };
                 let vt = ct + delay;
                 let kinds = ["purchase", "purchase", "purchase", "signup", "lead"];
@@ -635,7 +728,8 @@ impl Generator {
                 InputTopic::Impressions,
                 impression_id.to_owned(),
                 Payload::Broken(Broken::NotAvro(
-                    format!("{{\"impression_id\":\"{impression_id}\",\"event_time\":{t}}}").into_bytes(),
+                    format!("{{\"impression_id\":\"{impression_id}\",\"event_time\":{t}}}")
+                        .into_bytes(),
                 )),
             ),
             1 => (
@@ -668,7 +762,10 @@ impl Generator {
             5 => (
                 InputTopic::Impressions,
                 imp.impression_id.clone(),
-                Payload::Impression(Impression { cost_micros: -5, ..imp }),
+                Payload::Impression(Impression {
+                    cost_micros: -5,
+                    ..imp
+                }),
             ),
             6 => (
                 InputTopic::Impressions,
@@ -756,7 +853,13 @@ mod tests {
         let b = records(GeneratorConfig::default(), 20_000);
         assert_eq!(a.len(), 20_000);
         assert_eq!(a, b);
-        let c = records(GeneratorConfig { seed: 2, ..Default::default() }, 20_000);
+        let c = records(
+            GeneratorConfig {
+                seed: 2,
+                ..Default::default()
+            },
+            20_000,
+        );
         assert_ne!(a, c);
     }
 
@@ -769,10 +872,16 @@ mod tests {
         let mut max_seen: HashMap<InputTopic, i64> = HashMap::new();
         let mut late_beyond = 0;
         for r in records(cfg, 50_000) {
-            let Some(t) = event_time(&r.payload) else { continue };
+            let Some(t) = event_time(&r.payload) else {
+                continue;
+            };
             let m = max_seen.entry(r.topic).or_insert(i64::MIN);
             if t < m.saturating_sub(2_000) {
-                assert_eq!(r.label, Label::Late, "only late records break the bound: {r:?}");
+                assert_eq!(
+                    r.label,
+                    Label::Late,
+                    "only late records break the bound: {r:?}"
+                );
                 late_beyond += 1;
             }
             *m = (*m).max(t);
@@ -796,8 +905,18 @@ mod tests {
             *counts.entry(r.label).or_default() += 1;
             *topics.entry(r.topic).or_default() += 1;
         }
-        for label in [Label::Normal, Label::Duplicate, Label::Late, Label::Orphan, Label::BeyondWindow, Label::Invalid] {
-            assert!(counts.get(&label).copied().unwrap_or(0) > 0, "{label:?} missing: {counts:?}");
+        for label in [
+            Label::Normal,
+            Label::Duplicate,
+            Label::Late,
+            Label::Orphan,
+            Label::BeyondWindow,
+            Label::Invalid,
+        ] {
+            assert!(
+                counts.get(&label).copied().unwrap_or(0) > 0,
+                "{label:?} missing: {counts:?}"
+            );
         }
         for t in InputTopic::ALL {
             assert!(topics.get(&t).copied().unwrap_or(0) > 0, "{t:?} missing");
@@ -807,7 +926,13 @@ mod tests {
     #[test]
     fn clicks_follow_their_impression() {
         let mut imp_time = HashMap::new();
-        for r in records(GeneratorConfig { late_rate: 0.0, ..Default::default() }, 50_000) {
+        for r in records(
+            GeneratorConfig {
+                late_rate: 0.0,
+                ..Default::default()
+            },
+            50_000,
+        ) {
             match (&r.payload, r.label) {
                 (Payload::Impression(i), _) => {
                     imp_time.insert(i.impression_id.clone(), i.event_time);
@@ -842,7 +967,9 @@ mod tests {
             for r in records(cfg, 60_000) {
                 match &r.payload {
                     Payload::Impression(i) if i.campaign_id == "cmp-0001" => imps += 1.0,
-                    Payload::Click(_) if r.label == Label::Normal && r.key.starts_with("imp-") => clicks += 1.0,
+                    Payload::Click(_) if r.label == Label::Normal && r.key.starts_with("imp-") => {
+                        clicks += 1.0
+                    }
                     _ => {}
                 }
             }

@@ -86,7 +86,8 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let episodes = opts.generator.episodes.clone();
     if let Some(path) = &opts.episodes_out {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "episodes": episodes }))?;
-        std::fs::write(path, text).with_context(|| format!("writing episodes to {}", path.display()))?;
+        std::fs::write(path, text)
+            .with_context(|| format!("writing episodes to {}", path.display()))?;
     }
 
     let (mut sender, ids, partitions) = match &opts.target {
@@ -115,7 +116,9 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
     };
 
     let mut recorder = match &opts.record {
-        Some(path) => Some(Recorder::create(path).with_context(|| format!("creating {}", path.display()))?),
+        Some(path) => {
+            Some(Recorder::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
         None => None,
     };
 
@@ -137,7 +140,7 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
             break;
         }
         let n = summary.records;
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             let elapsed = started.elapsed();
             if opts.duration.is_some_and(|d| elapsed >= d) {
                 break;
@@ -164,7 +167,8 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
             .with_context(|| format!("encoding record {n}"))?;
         let partition = partitioner::partition_for(record.key.as_bytes(), partitions);
         if let Some(rec) = recorder.as_mut() {
-            rec.write(&record, partition, &buf).context("writing the recording")?;
+            rec.write(&record, partition, &buf)
+                .context("writing the recording")?;
         }
         if let Some(s) = sender.as_mut() {
             s.send(record.topic, partition, record.key.as_bytes(), &buf)?;
@@ -179,7 +183,8 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
     }
 
     if let Some(s) = sender.take() {
-        s.finish(Duration::from_secs(120)).context("waiting for acknowledgements")?;
+        s.finish(Duration::from_secs(120))
+            .context("waiting for acknowledgements")?;
     }
     if let Some(rec) = recorder {
         rec.finish().context("finishing the recording")?;
@@ -187,9 +192,14 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.records_per_s = summary.records as f64 / summary.elapsed_s.max(1e-9);
     for t in InputTopic::ALL {
-        summary.by_topic.insert(t.name().to_owned(), counts_topic[t.index()]);
+        summary
+            .by_topic
+            .insert(t.name().to_owned(), counts_topic[t.index()]);
     }
-    summary.by_label = counts_label.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    summary.by_label = counts_label
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     Ok(summary)
 }
 

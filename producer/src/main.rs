@@ -19,10 +19,18 @@ use adstream_schemas::config::parse_key_value;
 #[command(version, about, long_about = None)]
 struct Args {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     bootstrap_servers: String,
     /// Confluent-compatible schema registry URL.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     schema_registry_url: String,
     /// librdkafka setting passed through as is (repeatable), e.g. -X security.protocol=SASL_SSL.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
@@ -201,7 +209,9 @@ fn main() -> anyhow::Result<()> {
     );
     let text = serde_json::to_string_pretty(&summary)?;
     match &args.summary_out {
-        Some(path) => std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => {
+            std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?
+        }
         None => println!("{text}"),
     }
     Ok(())

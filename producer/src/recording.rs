@@ -46,7 +46,12 @@ impl Recorder {
         })
     }
 
-    pub fn write(&mut self, record: &GeneratedRecord, partition: i32, value_bytes: &[u8]) -> std::io::Result<()> {
+    pub fn write(
+        &mut self,
+        record: &GeneratedRecord,
+        partition: i32,
+        value_bytes: &[u8],
+    ) -> std::io::Result<()> {
         let (kind, value, value_hex) = match &record.payload {
             Payload::Impression(r) => ("impression", Some(to_json(r)?), None),
             Payload::Click(r) => ("click", Some(to_json(r)?), None),

@@ -74,10 +74,11 @@ pub fn load_file(path: &str) -> Result<Vec<EpisodeSpec>, ScenarioError> {
         path: path.to_owned(),
         source,
     })?;
-    let file: ScenarioFile = serde_json::from_str(&text).map_err(|source| ScenarioError::Parse {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file: ScenarioFile =
+        serde_json::from_str(&text).map_err(|source| ScenarioError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok(file.episodes)
 }
 
@@ -121,7 +122,9 @@ pub fn resolve(specs: &[EpisodeSpec], start_time_ms: i64) -> Result<Vec<Episode>
                             .map_err(|e| invalid(format!("start: {e}")))?
                             .as_millis() as i64
                 }
-                None => crate::parse_time_ms(&s.start).map_err(|e| invalid(format!("start: {e}")))?,
+                None => {
+                    crate::parse_time_ms(&s.start).map_err(|e| invalid(format!("start: {e}")))?
+                }
             };
             let duration = humantime::parse_duration(&s.duration)
                 .map_err(|e| invalid(format!("duration: {e}")))?;
@@ -157,8 +160,9 @@ mod tests {
 
     #[test]
     fn flag_parses_and_resolves() {
-        let spec = parse_flag("campaign=cmp-0003,metric=CTR,kind=SPIKE,start=+40m,duration=20m,factor=4")
-            .expect("parse");
+        let spec =
+            parse_flag("campaign=cmp-0003,metric=CTR,kind=SPIKE,start=+40m,duration=20m,factor=4")
+                .expect("parse");
         let ep = resolve(&[spec], 1_000).expect("resolve");
         assert_eq!(ep[0].start_ms, 1_000 + 40 * 60_000);
         assert_eq!(ep[0].end_ms, ep[0].start_ms + 20 * 60_000);
@@ -168,8 +172,10 @@ mod tests {
 
     #[test]
     fn inconsistent_factor_is_rejected() {
-        let spec = parse_flag("campaign=c,metric=CONVERSION_RATE,kind=DROP,start=+1m,duration=1m,factor=3")
-            .expect("parse");
+        let spec = parse_flag(
+            "campaign=c,metric=CONVERSION_RATE,kind=DROP,start=+1m,duration=1m,factor=3",
+        )
+        .expect("parse");
         assert!(resolve(&[spec], 0).is_err());
     }
 

@@ -30,7 +30,11 @@ pub enum SendError {
         source: KafkaError,
     },
     #[error("{failed} of {total} records were not acknowledged; first error: {first}")]
-    Undelivered { failed: u64, total: u64, first: String },
+    Undelivered {
+        failed: u64,
+        total: u64,
+        first: String,
+    },
     #[error("flush did not finish: {0}")]
     Flush(KafkaError),
 }
@@ -109,7 +113,9 @@ impl KafkaSender {
                 .find(|t| t.name() == topic && t.error().is_none())
                 .map(|t| t.partitions().len() as i32)
                 .filter(|n| *n > 0)
-                .ok_or_else(|| SendError::MissingTopic { topic: topic.clone() })?;
+                .ok_or_else(|| SendError::MissingTopic {
+                    topic: topic.clone(),
+                })?;
             counts.push((topic.clone(), n));
         }
         if counts.iter().any(|(_, n)| *n != counts[0].1) {
@@ -134,9 +140,18 @@ impl KafkaSender {
     }
 
     /// Enqueues one record, waiting while librdkafka's queue is full.
-    pub fn send(&mut self, topic: InputTopic, partition: i32, key: &[u8], value: &[u8]) -> Result<(), SendError> {
+    pub fn send(
+        &mut self,
+        topic: InputTopic,
+        partition: i32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), SendError> {
         let name = &self.topics[topic.index()];
-        let mut record = BaseRecord::to(name).partition(partition).key(key).payload(value);
+        let mut record = BaseRecord::to(name)
+            .partition(partition)
+            .key(key)
+            .payload(value);
         loop {
             match self.producer.send(record) {
                 Ok(()) => {

@@ -62,7 +62,13 @@ pub enum CodecError {
 impl CodecError {
     /// Whether trying again later can help (a registry outage can; a corrupt body cannot).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, CodecError::Registry { retryable: true, .. })
+        matches!(
+            self,
+            CodecError::Registry {
+                retryable: true,
+                ..
+            }
+        )
     }
 
     /// Short machine-readable reason, used in dead-letter headers and metrics labels.
@@ -217,12 +223,11 @@ impl Codec {
         out.extend_from_slice(&id.to_be_bytes());
         let mut config = serde_avro_fast::ser::SerializerConfig::new(T::schema());
         let buf = std::mem::take(out);
-        *out = serde_avro_fast::to_datum(value, buf, &mut config).map_err(|e| {
-            CodecError::Encode {
+        *out =
+            serde_avro_fast::to_datum(value, buf, &mut config).map_err(|e| CodecError::Encode {
                 record: T::FULL_NAME,
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(())
     }
 
@@ -243,7 +248,11 @@ impl Codec {
     }
 
     /// Registers on first use, then encodes.
-    pub async fn encode<T: AvroRecord>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+    pub async fn encode<T: AvroRecord>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<Vec<u8>, CodecError> {
         let id = self.register::<T>(topic).await?;
         let mut out = Vec::with_capacity(128);
         Self::encode_with_id(id, value, &mut out)?;
@@ -497,7 +506,10 @@ pub(crate) mod tests {
         let codec = codec_with::<Click>(1);
         for len in 0..5 {
             let err = codec.decode_cached::<Click>(&vec![0u8; len]).unwrap_err();
-            assert!(matches!(err, CodecError::TooShort { len: l } if l == len), "{err}");
+            assert!(
+                matches!(err, CodecError::TooShort { len: l } if l == len),
+                "{err}"
+            );
         }
     }
 
@@ -538,7 +550,10 @@ pub(crate) mod tests {
         Codec::encode_with_id(3, &sample_impression(), &mut buf).expect("encode");
         for cut in [6, buf.len() / 2, buf.len() - 1] {
             let err = codec.decode_cached::<Impression>(&buf[..cut]).unwrap_err();
-            assert!(matches!(err, CodecError::CorruptBody { id: 3, .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, CodecError::CorruptBody { id: 3, .. }),
+                "cut {cut}: {err}"
+            );
         }
     }
 
@@ -569,7 +584,11 @@ pub(crate) mod tests {
         Codec::encode_with_id(1, &sample_click(), &mut buf).expect("encode");
         let err = codec.decode_cached::<Impression>(&buf).unwrap_err();
         match err {
-            CodecError::WrongSchema { id, expected, found } => {
+            CodecError::WrongSchema {
+                id,
+                expected,
+                found,
+            } => {
                 assert_eq!(id, 1);
                 assert_eq!(expected, "adstream.events.Impression");
                 assert_eq!(found, "adstream.events.Click");

@@ -19,6 +19,4 @@ pub mod records;
 pub mod topics;
 
 pub use codec::{Codec, CodecError};
-pub use records::{
-    AdMetric, AnomalyAlert, AvroRecord, CampaignCtr, Click, Conversion, Impression,
-};
+pub use records::{AdMetric, AnomalyAlert, AvroRecord, CampaignCtr, Click, Conversion, Impression};

@@ -29,9 +29,11 @@ macro_rules! avro_record {
             fn schema() -> &'static serde_avro_fast::Schema {
                 static SCHEMA: OnceLock<serde_avro_fast::Schema> = OnceLock::new();
                 SCHEMA.get_or_init(|| {
-                    Self::SCHEMA_JSON
-                        .parse()
-                        .expect(concat!("schemas/avro/", $file, " is a valid Avro schema"))
+                    Self::SCHEMA_JSON.parse().expect(concat!(
+                        "schemas/avro/",
+                        $file,
+                        " is a valid Avro schema"
+                    ))
                 })
             }
         }
@@ -114,7 +116,11 @@ pub struct CampaignCtr {
     pub ctr: Option<f64>,
     pub conversion_rate: Option<f64>,
 }
-avro_record!(CampaignCtr, "adstream.results.CampaignCtr", "campaign_ctr.avsc");
+avro_record!(
+    CampaignCtr,
+    "adstream.results.CampaignCtr",
+    "campaign_ctr.avsc"
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnomalyAlert {
@@ -131,7 +137,11 @@ pub struct AnomalyAlert {
     pub clicks: i64,
     pub detected_at: i64,
 }
-avro_record!(AnomalyAlert, "adstream.results.AnomalyAlert", "anomaly_alert.avsc");
+avro_record!(
+    AnomalyAlert,
+    "adstream.results.AnomalyAlert",
+    "anomaly_alert.avsc"
+);
 
 /// `numerator / denominator`, or `None` when the denominator is 0 (CONTRACT.md's rates).
 pub fn rate(numerator: i64, denominator: i64) -> Option<f64> {
