@@ -1,0 +1,376 @@
+//! The impression → click → conversion join (CONTRACT.md "Join", "Unmatched",
+//! "State lifetime").
+//!
+//! State:
+//! - kept impressions by `impression_id` until the watermark passes
+//!   `event_time + click_window + allowed_lateness`;
+//! - matched clicks by `click_id` until it passes
+//!   `event_time + conversion_window + allowed_lateness`;
+//! - clicks waiting for their impression and conversions waiting for their
+//!   matched click, until it passes `event_time + allowed_lateness`, when they
+//!   are handed back as unmatched;
+//! - ids of kept clicks and conversions for duplicate detection, for as long
+//!   as a copy could still arrive on time.
+//!
+//! Expiry is by buckets of event time (a bucket expires once every entry in it
+//! has), so an entry may outlive its horizon by up to one bucket: harmless,
+//! since nothing on time can reach it after the horizon anyway.
+//!
+//! Either side may arrive first; a record that arrives on time always finds
+//! its partner if the partner is on time too, which is what makes the join a
+//! function of the input alone (the horizons above are the proof).
+
+use std::collections::BTreeMap;
+
+use hashbrown::{HashMap, HashSet};
+
+use super::ids::{GrainId, IdKey};
+use super::RawRecord;
+
+/// Join horizons, in ms.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinConfig {
+    pub click_window: i64,
+    pub conversion_window: i64,
+    pub allowed_lateness: i64,
+    /// Width of expiry buckets.
+    pub bucket: i64,
+}
+
+/// A contribution to a window cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Click {
+        t: i64,
+        grain: GrainId,
+        cost_micros: i64,
+    },
+    Conversion {
+        t: i64,
+        grain: GrainId,
+        revenue_micros: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    t: i64,
+    grain: GrainId,
+}
+
+#[derive(Debug)]
+struct PendingClick {
+    click_id: IdKey,
+    impression_id: IdKey,
+    cost_micros: i64,
+    raw: RawRecord,
+}
+
+#[derive(Debug)]
+struct PendingConversion {
+    click_id: IdKey,
+    revenue_micros: i64,
+    raw: RawRecord,
+}
+
+/// Ids with an expiry, bucketed by event time.
+#[derive(Debug, Default)]
+struct ExpiringIds {
+    ids: HashSet<IdKey>,
+    buckets: BTreeMap<i64, Vec<IdKey>>,
+}
+
+impl ExpiringIds {
+    fn insert(&mut self, id: IdKey, bucket: i64) {
+        if self.ids.insert(id) {
+            self.buckets.entry(bucket).or_default().push(id);
+        }
+    }
+
+    /// Drops buckets whose last possible member expired (`last_t + horizon < wm`).
+    fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64) {
+        while let Some(e) = self.buckets.first_entry() {
+            let last_t = *e.key() + bucket_width - 1;
+            if last_t.saturating_add(horizon) >= wm {
+                break;
+            }
+            for id in e.remove() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+}
+
+/// Held records keyed by id, bucketed by event time for expiry.
+#[derive(Debug, Default)]
+struct HeldById {
+    map: HashMap<IdKey, Held>,
+    buckets: BTreeMap<i64, Vec<IdKey>>,
+}
+
+impl HeldById {
+    fn insert(&mut self, id: IdKey, held: Held, bucket: i64) {
+        self.map.insert(id, held);
+        self.buckets.entry(bucket).or_default().push(id);
+    }
+
+    fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64) {
+        while let Some(e) = self.buckets.first_entry() {
+            let last_t = *e.key() + bucket_width - 1;
+            if last_t.saturating_add(horizon) >= wm {
+                break;
+            }
+            for id in e.remove() {
+                self.map.remove(&id);
+            }
+        }
+    }
+}
+
+/// Join state and its rules.
+#[derive(Debug)]
+pub struct ClickJoin {
+    cfg: JoinConfig,
+    impressions: HeldById,
+    matched_clicks: HeldById,
+    click_ids: ExpiringIds,
+    conversion_ids: ExpiringIds,
+    seq: u64,
+    pending_clicks: BTreeMap<(i64, u64), PendingClick>,
+    pending_clicks_by_impression: HashMap<IdKey, Vec<(i64, u64)>>,
+    pending_conversions: BTreeMap<(i64, u64), PendingConversion>,
+    pending_conversions_by_click: HashMap<IdKey, Vec<(i64, u64)>>,
+}
+
+impl ClickJoin {
+    pub fn new(cfg: JoinConfig) -> Self {
+        assert!(cfg.bucket > 0);
+        ClickJoin {
+            cfg,
+            impressions: HeldById::default(),
+            matched_clicks: HeldById::default(),
+            click_ids: ExpiringIds::default(),
+            conversion_ids: ExpiringIds::default(),
+            seq: 0,
+            pending_clicks: BTreeMap::new(),
+            pending_clicks_by_impression: HashMap::new(),
+            pending_conversions: BTreeMap::new(),
+            pending_conversions_by_click: HashMap::new(),
+        }
+    }
+
+    fn bucket(&self, t: i64) -> i64 {
+        t - t.rem_euclid(self.cfg.bucket)
+    }
+
+    pub fn is_duplicate_impression(&self, id: IdKey) -> bool {
+        self.impressions.map.contains_key(&id)
+    }
+
+    pub fn is_duplicate_click(&self, id: IdKey) -> bool {
+        self.click_ids.ids.contains(&id)
+    }
+
+    pub fn is_duplicate_conversion(&self, id: IdKey) -> bool {
+        self.conversion_ids.ids.contains(&id)
+    }
+
+    /// A kept impression arrives; clicks waiting for it may match now.
+    pub fn on_impression(&mut self, id: IdKey, t: i64, grain: GrainId, out: &mut Vec<Counted>) {
+        let b = self.bucket(t);
+        self.impressions.insert(id, Held { t, grain }, b);
+        let Some(waiting) = self.pending_clicks_by_impression.remove(&id) else {
+            return;
+        };
+        let mut still = Vec::new();
+        for k in waiting {
+            let (ct, _) = k;
+            if t <= ct && ct <= t.saturating_add(self.cfg.click_window) {
+                if let Some(pc) = self.pending_clicks.remove(&k) {
+                    self.match_click(pc.click_id, ct, grain, pc.cost_micros, out);
+                }
+            } else {
+                still.push(k);
+            }
+        }
+        if !still.is_empty() {
+            self.pending_clicks_by_impression.insert(id, still);
+        }
+    }
+
+    fn match_click(
+        &mut self,
+        click_id: IdKey,
+        t: i64,
+        grain: GrainId,
+        cost_micros: i64,
+        out: &mut Vec<Counted>,
+    ) {
+        out.push(Counted::Click {
+            t,
+            grain,
+            cost_micros,
+        });
+        let b = self.bucket(t);
+        self.matched_clicks.insert(click_id, Held { t, grain }, b);
+        let Some(waiting) = self.pending_conversions_by_click.remove(&click_id) else {
+            return;
+        };
+        let mut still = Vec::new();
+        for k in waiting {
+            let (vt, _) = k;
+            if t <= vt && vt <= t.saturating_add(self.cfg.conversion_window) {
+                if let Some(pc) = self.pending_conversions.remove(&k) {
+                    out.push(Counted::Conversion {
+                        t: vt,
+                        grain,
+                        revenue_micros: pc.revenue_micros,
+                    });
+                }
+            } else {
+                still.push(k);
+            }
+        }
+        if !still.is_empty() {
+            self.pending_conversions_by_click.insert(click_id, still);
+        }
+    }
+
+    /// A kept click arrives.
+    pub fn on_click(
+        &mut self,
+        click_id: IdKey,
+        impression_id: IdKey,
+        t: i64,
+        cost_micros: i64,
+        raw: RawRecord,
+        out: &mut Vec<Counted>,
+    ) {
+        let b = self.bucket(t);
+        self.click_ids.insert(click_id, b);
+        if let Some(imp) = self.impressions.map.get(&impression_id).copied() {
+            if imp.t <= t && t <= imp.t.saturating_add(self.cfg.click_window) {
+                self.match_click(click_id, t, imp.grain, cost_micros, out);
+                return;
+            }
+        }
+        self.seq += 1;
+        let k = (t, self.seq);
+        self.pending_clicks.insert(
+            k,
+            PendingClick {
+                click_id,
+                impression_id,
+                cost_micros,
+                raw,
+            },
+        );
+        self.pending_clicks_by_impression
+            .entry(impression_id)
+            .or_default()
+            .push(k);
+    }
+
+    /// A kept conversion arrives.
+    pub fn on_conversion(
+        &mut self,
+        conversion_id: IdKey,
+        click_id: IdKey,
+        t: i64,
+        revenue_micros: i64,
+        raw: RawRecord,
+        out: &mut Vec<Counted>,
+    ) {
+        let b = self.bucket(t);
+        self.conversion_ids.insert(conversion_id, b);
+        if let Some(click) = self.matched_clicks.map.get(&click_id).copied() {
+            if click.t <= t && t <= click.t.saturating_add(self.cfg.conversion_window) {
+                out.push(Counted::Conversion {
+                    t,
+                    grain: click.grain,
+                    revenue_micros,
+                });
+                return;
+            }
+        }
+        self.seq += 1;
+        let k = (t, self.seq);
+        self.pending_conversions.insert(
+            k,
+            PendingConversion {
+                click_id,
+                revenue_micros,
+                raw,
+            },
+        );
+        self.pending_conversions_by_click
+            .entry(click_id)
+            .or_default()
+            .push(k);
+    }
+
+    /// Applies watermark `wm`: frees expired state and returns records that
+    /// are now definitely unmatched (`wm > event_time + allowed_lateness`).
+    pub fn expire(&mut self, wm: i64, unmatched: &mut Vec<RawRecord>) {
+        let lateness = self.cfg.allowed_lateness;
+        let width = self.cfg.bucket;
+        while let Some(e) = self.pending_clicks.first_entry() {
+            let (t, _) = *e.key();
+            if t.saturating_add(lateness) >= wm {
+                break;
+            }
+            let k = *e.key();
+            let pc = e.remove();
+            remove_index(&mut self.pending_clicks_by_impression, pc.impression_id, k);
+            unmatched.push(pc.raw);
+        }
+        while let Some(e) = self.pending_conversions.first_entry() {
+            let (t, _) = *e.key();
+            if t.saturating_add(lateness) >= wm {
+                break;
+            }
+            let k = *e.key();
+            let pc = e.remove();
+            remove_index(&mut self.pending_conversions_by_click, pc.click_id, k);
+            unmatched.push(pc.raw);
+        }
+        self.impressions
+            .expire(wm, width, self.cfg.click_window.saturating_add(lateness));
+        self.matched_clicks.expire(
+            wm,
+            width,
+            self.cfg.conversion_window.saturating_add(lateness),
+        );
+        self.click_ids.expire(wm, width, lateness);
+        self.conversion_ids.expire(wm, width, lateness);
+    }
+
+    /// Sizes of the state, for metrics and memory checks.
+    pub fn sizes(&self) -> JoinSizes {
+        JoinSizes {
+            impressions: self.impressions.map.len(),
+            matched_clicks: self.matched_clicks.map.len(),
+            pending_clicks: self.pending_clicks.len(),
+            pending_conversions: self.pending_conversions.len(),
+            dedup_ids: self.click_ids.ids.len() + self.conversion_ids.ids.len(),
+        }
+    }
+}
+
+fn remove_index(index: &mut HashMap<IdKey, Vec<(i64, u64)>>, id: IdKey, k: (i64, u64)) {
+    if let Some(v) = index.get_mut(&id) {
+        v.retain(|x| *x != k);
+        if v.is_empty() {
+            index.remove(&id);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JoinSizes {
+    pub impressions: usize,
+    pub matched_clicks: usize,
+    pub pending_clicks: usize,
+    pub pending_conversions: usize,
+    pub dedup_ids: usize,
+}

@@ -1,0 +1,512 @@
+//! The processing engine: plain synchronous Rust, no Kafka or tokio types.
+//!
+//! Operators, each its own module with its own invariants:
+//! - [`watermark::WatermarkTracker`]: partition and processor watermarks;
+//! - [`join::ClickJoin`]: impression → click → conversion join state;
+//! - [`windows::WindowStore`]: tumbling windows of additive cells;
+//! - [`anomaly::AnomalyDetector`]: SPIKE/DROP episodes on campaign windows.
+//!
+//! [`Engine::on_record`] takes one raw input record (topic, partition,
+//! offset, key, value) and applies CONTRACT.md's processing order: invalid →
+//! dead letter; late → late side output; duplicate → dropped and counted;
+//! otherwise into the join. After each record the processor watermark is
+//! recomputed; windows it closes are emitted (ad-metrics rows, campaign rows,
+//! then alerts), and clicks/conversions it leaves unmatched go to the
+//! unmatched side output. Outputs accumulate until the runtime takes them with
+//! [`Engine::take_outputs`].
+//!
+//! Invariant (accounting): every input record ends as exactly one of
+//! counted, late, duplicate, unmatched or dead letter; [`EngineStats`] counts
+//! each, and pending (still buffered) records make up the difference.
+
+pub mod anomaly;
+pub mod ids;
+pub mod join;
+pub mod validate;
+pub mod watermark;
+pub mod windows;
+
+use std::collections::BTreeMap;
+
+use adstream_schemas::records::rate;
+use adstream_schemas::{
+    AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, CodecError, Conversion, Impression,
+};
+
+use anomaly::{AnomalyConfig, AnomalyDetector, CampaignWindow};
+use ids::{id_key, Interner};
+use join::{ClickJoin, Counted, JoinConfig};
+use watermark::{InputPartition, WatermarkTracker};
+use windows::{Measures, WindowStore};
+
+/// Input topics, by index.
+pub const IMPRESSIONS: u8 = 0;
+pub const CLICKS: u8 = 1;
+pub const CONVERSIONS: u8 = 2;
+
+/// Where an input record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRef {
+    pub topic: u8,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl SourceRef {
+    pub fn input_partition(&self) -> InputPartition {
+        InputPartition {
+            topic: self.topic,
+            partition: self.partition,
+        }
+    }
+}
+
+/// An input record's original bytes, kept for side outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub source: SourceRef,
+    pub key: Option<Box<[u8]>>,
+    pub value: Option<Box<[u8]>>,
+    /// Kafka timestamp of the input record (ms), if any.
+    pub timestamp: Option<i64>,
+}
+
+/// Which side output a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SideKind {
+    Late,
+    Unmatched,
+    DeadLetter,
+}
+
+/// Something the engine wants written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    AdMetric(AdMetric),
+    CampaignCtr(CampaignCtr),
+    Alert(AnomalyAlert),
+    Side {
+        kind: SideKind,
+        raw: RawRecord,
+        reason: String,
+    },
+}
+
+/// Engine parameters (all times in ms).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_out_of_orderness: i64,
+    pub allowed_lateness: i64,
+    pub click_window: i64,
+    pub conversion_window: i64,
+    pub window: i64,
+    pub anomaly: AnomalyConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_out_of_orderness: 5_000,
+            allowed_lateness: 0,
+            click_window: 30 * 60_000,
+            conversion_window: 24 * 3_600_000,
+            window: 60_000,
+            anomaly: AnomalyConfig::default(),
+        }
+    }
+}
+
+/// Counts of what happened to input records, per input topic.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TopicStats {
+    pub input: u64,
+    pub counted: u64,
+    pub late: u64,
+    pub duplicate: u64,
+    pub unmatched: u64,
+    pub dead_letter: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EngineStats {
+    pub by_topic: [TopicStats; 3],
+    pub ad_metric_rows: u64,
+    pub campaign_rows: u64,
+    pub alerts: u64,
+    pub windows_closed: u64,
+}
+
+impl EngineStats {
+    pub fn total(&self) -> TopicStats {
+        let mut t = TopicStats::default();
+        for s in &self.by_topic {
+            t.input += s.input;
+            t.counted += s.counted;
+            t.late += s.late;
+            t.duplicate += s.duplicate;
+            t.unmatched += s.unmatched;
+            t.dead_letter += s.dead_letter;
+        }
+        t
+    }
+}
+
+enum Decoded {
+    Impression(Impression),
+    Click(Click),
+    Conversion(Conversion),
+}
+
+/// The engine. See the module docs.
+pub struct Engine {
+    cfg: EngineConfig,
+    codec: Codec,
+    watermarks: WatermarkTracker,
+    join: ClickJoin,
+    windows: WindowStore,
+    detector: AnomalyDetector,
+    interner: Interner,
+    outputs: Vec<Output>,
+    counted: Vec<Counted>,
+    unmatched: Vec<RawRecord>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// `codec` must already know every writer schema the input may use
+    /// (the runtime fetches unknown ids before handing records over).
+    pub fn new(cfg: EngineConfig, codec: Codec) -> Self {
+        Engine {
+            watermarks: WatermarkTracker::new(cfg.max_out_of_orderness),
+            join: ClickJoin::new(JoinConfig {
+                click_window: cfg.click_window,
+                conversion_window: cfg.conversion_window,
+                allowed_lateness: cfg.allowed_lateness,
+                bucket: cfg.window,
+            }),
+            windows: WindowStore::new(cfg.window, cfg.allowed_lateness),
+            detector: AnomalyDetector::new(cfg.anomaly.clone()),
+            interner: Interner::default(),
+            outputs: Vec::new(),
+            counted: Vec::new(),
+            unmatched: Vec::new(),
+            stats: EngineStats::default(),
+            codec,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Starts tracking an input partition (it holds the watermark back until
+    /// it has data or is marked idle).
+    pub fn add_partition(&mut self, p: InputPartition) {
+        self.watermarks.add_partition(p);
+    }
+
+    pub fn remove_partition(&mut self, p: InputPartition) {
+        self.watermarks.remove_partition(p);
+    }
+
+    /// Marks a partition idle (or active again) and applies the watermark.
+    pub fn set_idle(&mut self, p: InputPartition, idle: bool) {
+        if self.watermarks.is_idle(p) != idle {
+            self.watermarks.set_idle(p, idle);
+            self.advance();
+        }
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.watermarks.current()
+    }
+
+    pub fn partition_watermark(&self, p: InputPartition) -> i64 {
+        self.watermarks.partition_watermark(p)
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn join_sizes(&self) -> join::JoinSizes {
+        self.join.sizes()
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.windows.open_windows()
+    }
+
+    /// Takes the outputs produced so far, in production order.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// Whether outputs are waiting.
+    pub fn has_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
+    fn dead_letter(&mut self, raw: RawRecord, reason: String) {
+        self.stats.by_topic[raw.source.topic as usize].dead_letter += 1;
+        self.outputs.push(Output::Side {
+            kind: SideKind::DeadLetter,
+            raw,
+            reason,
+        });
+    }
+
+    fn decode(&self, topic: u8, value: &[u8]) -> Result<Decoded, CodecError> {
+        Ok(match topic {
+            IMPRESSIONS => Decoded::Impression(self.codec.decode_cached(value)?),
+            CLICKS => Decoded::Click(self.codec.decode_cached(value)?),
+            _ => Decoded::Conversion(self.codec.decode_cached(value)?),
+        })
+    }
+
+    /// Processes one input record.
+    pub fn on_record(
+        &mut self,
+        source: SourceRef,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        timestamp: Option<i64>,
+    ) {
+        let topic = source.topic.min(CONVERSIONS);
+        let source = SourceRef { topic, ..source };
+        self.stats.by_topic[topic as usize].input += 1;
+        let raw = || RawRecord {
+            source,
+            key: key.map(Into::into),
+            value: value.map(Into::into),
+            timestamp,
+        };
+        let Some(bytes) = value else {
+            self.dead_letter(raw(), "invalid: record has no value (tombstone)".to_owned());
+            return;
+        };
+        let decoded = match self.decode(topic, bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                self.dead_letter(raw(), format!("undecodable: {}: {e}", e.reason_code()));
+                return;
+            }
+        };
+        let event_time = match &decoded {
+            Decoded::Impression(r) => r.event_time,
+            Decoded::Click(r) => r.event_time,
+            Decoded::Conversion(r) => r.event_time,
+        };
+        let valid = match &decoded {
+            Decoded::Impression(r) => validate::impression(r, key).map(Some),
+            Decoded::Click(r) => validate::click(r, key).map(|_| None),
+            Decoded::Conversion(r) => validate::conversion(r, key).map(|_| None),
+        };
+        let ip = match valid {
+            Ok(ip) => ip,
+            Err(e) => {
+                self.dead_letter(raw(), format!("invalid: {}: {e}", e.code()));
+                return;
+            }
+        };
+
+        // Late: against the record's own partition watermark just before it,
+        // or its window is already emitted.
+        let p = source.input_partition();
+        let pwm = self.watermarks.partition_watermark(p);
+        let late_by_partition = event_time < pwm.saturating_sub(self.cfg.allowed_lateness);
+        let late_by_window = self
+            .windows
+            .is_emitted(event_time, self.watermarks.current());
+        self.watermarks.observe(p, event_time);
+        if late_by_partition || late_by_window {
+            self.stats.by_topic[topic as usize].late += 1;
+            let reason = if late_by_partition {
+                format!(
+                    "late: event_time {event_time} < partition watermark {pwm} - allowed lateness {}",
+                    self.cfg.allowed_lateness
+                )
+            } else {
+                format!("late: window of event_time {event_time} already emitted")
+            };
+            self.outputs.push(Output::Side {
+                kind: SideKind::Late,
+                raw: raw(),
+                reason,
+            });
+            self.advance();
+            return;
+        }
+
+        let s = &mut self.stats.by_topic[topic as usize];
+        match decoded {
+            Decoded::Impression(r) => {
+                let id = id_key(&r.impression_id);
+                if self.join.is_duplicate_impression(id) {
+                    s.duplicate += 1;
+                } else {
+                    s.counted += 1;
+                    let ip_range = ip.map(validate::ip_range).unwrap_or_default();
+                    let grain = self.interner.grain(
+                        &r.campaign_id,
+                        &r.ad_id,
+                        &r.search_keyword,
+                        &r.state,
+                        &ip_range,
+                        &r.device_type,
+                    );
+                    self.windows
+                        .add(r.event_time, grain, &Measures::impression(r.cost_micros));
+                    self.join
+                        .on_impression(id, r.event_time, grain, &mut self.counted);
+                }
+            }
+            Decoded::Click(r) => {
+                let id = id_key(&r.click_id);
+                if self.join.is_duplicate_click(id) {
+                    s.duplicate += 1;
+                } else {
+                    self.join.on_click(
+                        id,
+                        id_key(&r.impression_id),
+                        r.event_time,
+                        r.cost_micros,
+                        raw(),
+                        &mut self.counted,
+                    );
+                }
+            }
+            Decoded::Conversion(r) => {
+                let id = id_key(&r.conversion_id);
+                if self.join.is_duplicate_conversion(id) {
+                    s.duplicate += 1;
+                } else {
+                    self.join.on_conversion(
+                        id,
+                        id_key(&r.click_id),
+                        r.event_time,
+                        r.revenue_micros,
+                        raw(),
+                        &mut self.counted,
+                    );
+                }
+            }
+        }
+        self.apply_counted();
+        self.advance();
+    }
+
+    fn apply_counted(&mut self) {
+        for c in self.counted.drain(..) {
+            match c {
+                Counted::Click {
+                    t,
+                    grain,
+                    cost_micros,
+                } => {
+                    self.stats.by_topic[CLICKS as usize].counted += 1;
+                    self.windows.add(t, grain, &Measures::click(cost_micros));
+                }
+                Counted::Conversion {
+                    t,
+                    grain,
+                    revenue_micros,
+                } => {
+                    self.stats.by_topic[CONVERSIONS as usize].counted += 1;
+                    self.windows
+                        .add(t, grain, &Measures::conversion(revenue_micros));
+                }
+            }
+        }
+    }
+
+    /// Recomputes the watermark; emits closed windows and unmatched records.
+    fn advance(&mut self) {
+        let before = self.watermarks.current();
+        let wm = self.watermarks.advance();
+        if wm == before {
+            return;
+        }
+        self.join.expire(wm, &mut self.unmatched);
+        for raw in self.unmatched.drain(..) {
+            self.stats.by_topic[raw.source.topic as usize].unmatched += 1;
+            let reason = format!(
+                "unmatched: no matching {} by watermark {wm}",
+                if raw.source.topic == CLICKS {
+                    "impression"
+                } else {
+                    "matched click"
+                }
+            );
+            self.outputs.push(Output::Side {
+                kind: SideKind::Unmatched,
+                raw,
+                reason,
+            });
+        }
+        for w in self.windows.close_until(wm) {
+            self.stats.windows_closed += 1;
+            let mut rows: Vec<(ids::Grain, Measures)> = w
+                .cells
+                .iter()
+                .map(|(g, m)| (self.interner.resolve(*g), *m))
+                .collect();
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut campaigns: BTreeMap<Box<str>, Measures> = BTreeMap::new();
+            for (g, m) in &rows {
+                campaigns.entry(g.campaign_id.clone()).or_default().merge(m);
+            }
+            for (g, m) in rows {
+                self.stats.ad_metric_rows += 1;
+                self.outputs.push(Output::AdMetric(AdMetric {
+                    window_start: w.start,
+                    window_end: w.end,
+                    campaign_id: g.campaign_id.into(),
+                    ad_id: g.ad_id.into(),
+                    search_keyword: g.search_keyword.into(),
+                    state: g.state.into(),
+                    ip_range: g.ip_range.into(),
+                    device_type: g.device_type.into(),
+                    impressions: m.impressions,
+                    clicks: m.clicks,
+                    conversions: m.conversions,
+                    cost_micros: m.cost_micros,
+                    revenue_micros: m.revenue_micros,
+                    ctr: rate(m.clicks, m.impressions),
+                    conversion_rate: rate(m.conversions, m.clicks),
+                }));
+            }
+            for (campaign, m) in campaigns {
+                self.stats.campaign_rows += 1;
+                let alerts = self.detector.on_window(&CampaignWindow {
+                    campaign_id: &campaign,
+                    window_start: w.start,
+                    window_end: w.end,
+                    impressions: m.impressions,
+                    clicks: m.clicks,
+                    conversions: m.conversions,
+                });
+                self.outputs.push(Output::CampaignCtr(CampaignCtr {
+                    window_start: w.start,
+                    window_end: w.end,
+                    campaign_id: campaign.into(),
+                    impressions: m.impressions,
+                    clicks: m.clicks,
+                    conversions: m.conversions,
+                    cost_micros: m.cost_micros,
+                    revenue_micros: m.revenue_micros,
+                    ctr: rate(m.clicks, m.impressions),
+                    conversion_rate: rate(m.conversions, m.clicks),
+                }));
+                for a in alerts {
+                    self.stats.alerts += 1;
+                    self.outputs.push(Output::Alert(a));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,151 @@
+//! Validation of decoded input records. A record that fails goes to the dead
+//! letter topic with the reason; the rules are documented in README.md
+//! ("Validation") and mirrored independently by the oracle.
+
+use std::net::IpAddr;
+
+use adstream_schemas::{Click, Conversion, Impression};
+
+pub const DEVICE_TYPES: [&str; 5] = ["desktop", "mobile", "tablet", "ctv", "other"];
+
+/// Why a decodable record is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("{0} is empty")]
+    EmptyField(&'static str),
+    #[error("{field} is negative ({value})")]
+    Negative { field: &'static str, value: i64 },
+    #[error("user_ip {0:?} is not an IPv4 or IPv6 address")]
+    BadIp(String),
+    #[error("device_type {0:?} is not one of desktop, mobile, tablet, ctv, other")]
+    BadDevice(String),
+    #[error("event_time {0} is not a positive epoch-millisecond time")]
+    BadEventTime(i64),
+    #[error("record key does not equal impression_id {0:?} (breaks co-partitioning)")]
+    KeyMismatch(String),
+}
+
+impl Invalid {
+    /// Short reason code for headers and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Invalid::EmptyField(_) => "empty-field",
+            Invalid::Negative { .. } => "negative-amount",
+            Invalid::BadIp(_) => "bad-ip",
+            Invalid::BadDevice(_) => "bad-device-type",
+            Invalid::BadEventTime(_) => "bad-event-time",
+            Invalid::KeyMismatch(_) => "key-mismatch",
+        }
+    }
+}
+
+fn non_empty(field: &'static str, v: &str) -> Result<(), Invalid> {
+    if v.is_empty() {
+        Err(Invalid::EmptyField(field))
+    } else {
+        Ok(())
+    }
+}
+
+fn non_negative(field: &'static str, v: i64) -> Result<(), Invalid> {
+    if v < 0 {
+        Err(Invalid::Negative { field, value: v })
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses an address as the contract allows (no zone ids).
+pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
+    s.parse::<IpAddr>()
+        .map_err(|_| Invalid::BadIp(s.to_owned()))
+}
+
+fn time(t: i64) -> Result<(), Invalid> {
+    if t > 0 {
+        Ok(())
+    } else {
+        Err(Invalid::BadEventTime(t))
+    }
+}
+
+fn key_matches(key: Option<&[u8]>, impression_id: &str) -> Result<(), Invalid> {
+    if key == Some(impression_id.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Invalid::KeyMismatch(impression_id.to_owned()))
+    }
+}
+
+pub fn impression(r: &Impression, key: Option<&[u8]>) -> Result<IpAddr, Invalid> {
+    non_empty("impression_id", &r.impression_id)?;
+    non_empty("campaign_id", &r.campaign_id)?;
+    non_empty("ad_id", &r.ad_id)?;
+    non_negative("cost_micros", r.cost_micros)?;
+    time(r.event_time)?;
+    if !DEVICE_TYPES.contains(&r.device_type.as_str()) {
+        return Err(Invalid::BadDevice(r.device_type.clone()));
+    }
+    let ip = parse_ip(&r.user_ip)?;
+    key_matches(key, &r.impression_id)?;
+    Ok(ip)
+}
+
+pub fn click(r: &Click, key: Option<&[u8]>) -> Result<(), Invalid> {
+    non_empty("click_id", &r.click_id)?;
+    non_empty("impression_id", &r.impression_id)?;
+    non_negative("cost_micros", r.cost_micros)?;
+    time(r.event_time)?;
+    parse_ip(&r.user_ip)?;
+    key_matches(key, &r.impression_id)
+}
+
+pub fn conversion(r: &Conversion, key: Option<&[u8]>) -> Result<(), Invalid> {
+    non_empty("conversion_id", &r.conversion_id)?;
+    non_empty("click_id", &r.click_id)?;
+    non_empty("impression_id", &r.impression_id)?;
+    non_negative("revenue_micros", r.revenue_micros)?;
+    time(r.event_time)?;
+    key_matches(key, &r.impression_id)
+}
+
+/// `ip` masked to /24 (IPv4) or /48 (IPv6), as network address text with prefix.
+pub fn ip_range(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 80) - 1);
+            format!("{}/48", std::net::Ipv6Addr::from(bits))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_ranges() {
+        assert_eq!(ip_range("10.1.2.3".parse().expect("ip")), "10.1.2.0/24");
+        assert_eq!(
+            ip_range("2001:db8:1:2::5".parse().expect("ip")),
+            "2001:db8:1::/48"
+        );
+        assert_eq!(
+            ip_range("2001:db8::1".parse().expect("ip")),
+            "2001:db8::/48"
+        );
+        assert_eq!(ip_range("::1".parse().expect("ip")), "::/48");
+        assert_eq!(ip_range("2001:0:0:1::".parse().expect("ip")), "2001::/48");
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(parse_ip("999.1.2.3").is_err());
+        assert!(parse_ip("fe80::1%eth0").is_err());
+        assert!(parse_ip("10.0.0.1").is_ok());
+    }
+}
