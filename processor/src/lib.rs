@@ -8,4 +8,5 @@
 //!   only after every output they cover is acknowledged.
 
 pub mod engine;
+pub mod metrics;
 pub mod runtime;

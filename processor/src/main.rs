@@ -1,6 +1,175 @@
-//! `adstream-processor`: not built yet; see the open issue for it.
+//! `adstream-processor`: joins impressions, clicks and conversions on event
+//! time, rolls them into windows, detects anomalies, writes the results.
 
-fn main() {
-    eprintln!("adstream-processor: not implemented yet");
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use adstream_processor::engine::anomaly::AnomalyConfig;
+use adstream_processor::engine::EngineConfig;
+use adstream_processor::metrics::{serve, Metrics};
+use adstream_processor::runtime::{run, ProcessorOptions, Status};
+use adstream_schemas::config::parse_key_value;
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis() as i64
+}
+
+/// Event-time join of ad impressions → clicks → conversions with watermarks,
+/// 1-minute rollups (ad-metrics, campaign-ctr) and SPIKE/DROP alerts.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    bootstrap_servers: String,
+    /// Confluent-compatible schema registry URL.
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    schema_registry_url: String,
+    /// librdkafka setting for both consumer and producer (repeatable), e.g. -X security.protocol=SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    rdkafka: Vec<(String, String)>,
+    /// Prefix for every topic name (for isolated runs).
+    #[arg(long, env = "ADSTREAM_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Consumer group of the processor instances.
+    #[arg(
+        long,
+        env = "ADSTREAM_PROCESSOR_GROUP",
+        default_value = "adstream-processor"
+    )]
+    group_id: String,
+
+    /// Partition watermark = highest event time seen minus this.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    max_out_of_orderness: Duration,
+    /// How long after a window's end records may still count.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    allowed_lateness: Duration,
+    /// A click matches an impression up to this long after it.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    click_window: Duration,
+    /// A conversion matches a click up to this long after it.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    conversion_window: Duration,
+    /// Tumbling window size.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// A caught-up partition silent this long stops holding the watermark back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Pause a partition whose event time runs this far ahead of the watermark.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    max_drift: Duration,
+    /// How often outputs are flushed and input offsets committed.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    commit_interval: Duration,
+    /// Serve Prometheus metrics here (empty to disable).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+
+    /// Anomalies: EWMA weight of the newest window in the baseline.
+    #[arg(long, default_value_t = 0.1)]
+    anomaly_alpha: f64,
+    /// Anomalies: windows with enough volume before alerting.
+    #[arg(long, default_value_t = 10)]
+    anomaly_warmup_windows: u32,
+    /// Anomalies: |z| that opens an episode.
+    #[arg(long, default_value_t = 4.0)]
+    anomaly_z_enter: f64,
+    /// Anomalies: |z| below which an episode cools down.
+    #[arg(long, default_value_t = 2.0)]
+    anomaly_z_exit: f64,
+    /// Anomalies: relative deviation from the baseline needed to open an episode.
+    #[arg(long, default_value_t = 0.5)]
+    anomaly_min_relative_change: f64,
+    /// Anomalies: minimum impressions in a window to judge its CTR.
+    #[arg(long, default_value_t = 100)]
+    anomaly_min_impressions: i64,
+    /// Anomalies: minimum clicks in a window to judge its conversion rate.
+    #[arg(long, default_value_t = 20)]
+    anomaly_min_clicks: i64,
+    /// Anomalies: calm windows that end an episode.
+    #[arg(long, default_value_t = 3)]
+    anomaly_cooldown_windows: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let defaults = AnomalyConfig::default();
+    let opts = ProcessorOptions {
+        bootstrap: args.bootstrap_servers,
+        registry_url: args.schema_registry_url,
+        overrides: args.rdkafka,
+        topic_prefix: args.topic_prefix,
+        group_id: args.group_id,
+        engine: EngineConfig {
+            max_out_of_orderness: ms(args.max_out_of_orderness),
+            allowed_lateness: ms(args.allowed_lateness),
+            click_window: ms(args.click_window),
+            conversion_window: ms(args.conversion_window),
+            window: ms(args.window).max(1),
+            anomaly: AnomalyConfig {
+                alpha: args.anomaly_alpha,
+                warmup_windows: args.anomaly_warmup_windows,
+                z_enter: args.anomaly_z_enter,
+                z_exit: args.anomaly_z_exit,
+                min_relative_change: args.anomaly_min_relative_change,
+                min_impressions: args.anomaly_min_impressions,
+                min_clicks: args.anomaly_min_clicks,
+                cooldown_windows: args.anomaly_cooldown_windows,
+                ..defaults
+            },
+        },
+        idle_timeout: args.idle_timeout,
+        commit_interval: args.commit_interval,
+        max_drift_ms: ms(args.max_drift),
+    };
+    let metrics = Arc::new(Metrics::new());
+    if !args.metrics_addr.is_empty() {
+        let addr: SocketAddr = args
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?} is not host:port", args.metrics_addr))?;
+        let bound =
+            serve(addr, metrics.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let status = Status::default();
+    run(&opts, &stop, &status, &metrics).context("processor stopped with an error")?;
+    let s = status.snapshot();
+    let t = s.stats.total();
+    tracing::info!(
+        input = t.input,
+        counted = t.counted,
+        late = t.late,
+        duplicate = t.duplicate,
+        unmatched = t.unmatched,
+        dead_letter = t.dead_letter,
+        commits = s.commits,
+        "stopped cleanly"
+    );
+    Ok(())
 }

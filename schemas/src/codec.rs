@@ -51,6 +51,14 @@ pub enum CodecError {
         record: &'static str,
         reason: String,
     },
+    #[error(
+        "the latest schema of {subject} (id {id}) cannot be read as this version expects: {reason}"
+    )]
+    Incompatible {
+        subject: String,
+        id: u32,
+        reason: String,
+    },
     #[error("schema registry {url}: {reason}")]
     Registry {
         url: String,
@@ -81,6 +89,7 @@ impl CodecError {
             CodecError::CorruptBody { .. } => "corrupt-body",
             CodecError::BadWriterSchema { .. } => "bad-writer-schema",
             CodecError::Encode { .. } => "encode-failed",
+            CodecError::Incompatible { .. } => "incompatible-schema",
             CodecError::Registry { .. } => "registry-unavailable",
         }
     }
@@ -282,6 +291,51 @@ impl Codec {
             }
             other => other,
         }
+    }
+
+    /// Whether schema `id` is cached (decoding it needs no registry call).
+    pub fn knows(&self, id: u32) -> bool {
+        self.read_caches().by_id.contains_key(&id)
+    }
+
+    /// Checks that `T` can read what writers of `<topic>-value` write now:
+    /// the subject's latest schema, resolved against `T`'s schema with Avro's
+    /// resolution rules. `Ok(None)` when the subject has no schema yet.
+    pub async fn check_readable<T: AvroRecord>(
+        &self,
+        topic: &str,
+    ) -> Result<Option<u32>, CodecError> {
+        use schema_registry_converter::async_impl::schema_registry::get_schema_by_subject;
+        use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
+        let registry = self.registry.as_ref().ok_or_else(|| CodecError::Registry {
+            url: self.url.clone(),
+            reason: "offline codec cannot look up subjects".to_owned(),
+            retryable: false,
+        })?;
+        let subject = value_subject(topic);
+        let latest = match get_schema_by_subject(
+            registry,
+            &SubjectNameStrategy::TopicNameStrategy(topic.to_owned(), false),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(registry_error(&self.url, e)),
+        };
+        let incompatible = |reason: String| CodecError::Incompatible {
+            subject: subject.clone(),
+            id: latest.id,
+            reason,
+        };
+        let writer = apache_avro::Schema::parse_str(&latest.schema)
+            .map_err(|e| incompatible(e.to_string()))?;
+        let reader = apache_avro::Schema::parse_str(T::SCHEMA_JSON)
+            .map_err(|e| incompatible(e.to_string()))?;
+        apache_avro::schema_compatibility::SchemaCompatibility::can_read(&writer, &reader)
+            .map_err(|e| incompatible(e.to_string()))?;
+        self.insert_schema(latest.id, &latest.schema)?;
+        Ok(Some(latest.id))
     }
 
     /// Fetches schema `id` from the registry into the cache.

@@ -218,6 +218,10 @@ impl Engine {
         }
     }
 
+    pub fn is_idle(&self, p: InputPartition) -> bool {
+        self.watermarks.is_idle(p)
+    }
+
     pub fn watermark(&self) -> i64 {
         self.watermarks.current()
     }

@@ -1,0 +1,162 @@
+//! Prometheus metrics of the processor, served as text on `--metrics-addr`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::engine::{EngineStats, TopicStats};
+
+type Labels = Vec<(String, String)>;
+
+/// The processor's metrics.
+pub struct Metrics {
+    registry: Registry,
+    records: Family<Labels, Counter>,
+    outputs: Family<Labels, Counter>,
+    watermark: Gauge,
+    state: Family<Labels, Gauge>,
+    commits: Counter,
+    last: Mutex<EngineStats>,
+}
+
+const TOPICS: [&str; 3] = ["ad-impressions", "ad-clicks", "ad-conversions"];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("adstream_processor");
+        let records = Family::<Labels, Counter>::default();
+        let outputs = Family::<Labels, Counter>::default();
+        let watermark = Gauge::default();
+        let state = Family::<Labels, Gauge>::default();
+        let commits = Counter::default();
+        registry.register(
+            "input_records",
+            "Input records by topic and outcome (counted, late, duplicate, unmatched, dead_letter)",
+            records.clone(),
+        );
+        registry.register(
+            "output_records",
+            "Records written by output kind",
+            outputs.clone(),
+        );
+        registry.register(
+            "watermark_ms",
+            "Processor watermark (event time, epoch ms)",
+            watermark.clone(),
+        );
+        registry.register(
+            "state_entries",
+            "Entries held in join and window state",
+            state.clone(),
+        );
+        registry.register(
+            "commits",
+            "Offset commits after acknowledged outputs",
+            commits.clone(),
+        );
+        Metrics {
+            registry,
+            records,
+            outputs,
+            watermark,
+            state,
+            commits,
+            last: Mutex::new(EngineStats::default()),
+        }
+    }
+
+    fn label(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Brings the counters up to `stats` (they only grow).
+    pub fn update(&self, stats: &EngineStats, watermark: i64, sizes: &[(&str, usize)]) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, topic) in TOPICS.iter().enumerate() {
+            let (now, before): (&TopicStats, &TopicStats) = (&stats.by_topic[i], &last.by_topic[i]);
+            for (outcome, n, b) in [
+                ("counted", now.counted, before.counted),
+                ("late", now.late, before.late),
+                ("duplicate", now.duplicate, before.duplicate),
+                ("unmatched", now.unmatched, before.unmatched),
+                ("dead_letter", now.dead_letter, before.dead_letter),
+            ] {
+                if n > b {
+                    self.records
+                        .get_or_create(&Self::label(&[("topic", topic), ("outcome", outcome)]))
+                        .inc_by(n - b);
+                }
+            }
+        }
+        for (kind, n, b) in [
+            ("ad_metric", stats.ad_metric_rows, last.ad_metric_rows),
+            ("campaign_ctr", stats.campaign_rows, last.campaign_rows),
+            ("alert", stats.alerts, last.alerts),
+        ] {
+            if n > b {
+                self.outputs
+                    .get_or_create(&Self::label(&[("kind", kind)]))
+                    .inc_by(n - b);
+            }
+        }
+        *last = stats.clone();
+        if watermark > i64::MIN {
+            self.watermark.set(watermark);
+        }
+        for (what, n) in sizes {
+            self.state
+                .get_or_create(&Self::label(&[("state", what)]))
+                .set(*n as i64);
+        }
+    }
+
+    pub fn committed(&self) {
+        self.commits.inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` from a background thread.
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let body = metrics.render();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+            }
+        })?;
+    Ok(bound)
+}
