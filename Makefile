@@ -66,6 +66,7 @@ test-unit: bootstrap
 test: bootstrap
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory lint check-schemas check-compose; \
+	python3 -m unittest discover -s oracle; \
 	$(CARGO) build --workspace --locked --all-targets; \
 	scripts/with-stack.sh $(CARGO) test --workspace --locked -- --test-threads=2; \
 	echo "make test: all passed in $$(( $$(date +%s) - start )) s"
