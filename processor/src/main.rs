@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
     /// Pause a partition whose event time runs this far ahead of the watermark.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     max_drift: Duration,
     /// How often outputs are flushed and input offsets committed.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

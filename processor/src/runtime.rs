@@ -252,7 +252,8 @@ pub fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100");
     let mut pc = ClientConfig::new();
     pc.set("bootstrap.servers", &opts.bootstrap)
         .set("enable.idempotence", "true")
@@ -509,7 +510,7 @@ impl Shell<'_> {
             if !rt.paused && wm > i64::MIN && ahead > self.opts.max_drift_ms {
                 rt.paused = true;
                 let _ = to_pause.add_partition(&topic, p.partition);
-            } else if rt.paused && (wm == i64::MIN || ahead <= self.opts.max_drift_ms / 2) {
+            } else if rt.paused && (wm == i64::MIN || ahead <= self.opts.max_drift_ms / 4 * 3) {
                 rt.paused = false;
                 rt.last_record = now;
                 let _ = to_resume.add_partition(&topic, p.partition);

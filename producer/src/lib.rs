@@ -75,6 +75,8 @@ pub struct Summary {
     pub by_label: BTreeMap<String, u64>,
     pub first_event_time_ms: Option<i64>,
     pub last_event_time_ms: Option<i64>,
+    /// Event time of the last impression (the traffic's end; clicks and conversions trail it).
+    pub last_impression_time_ms: Option<i64>,
     pub elapsed_s: f64,
     pub records_per_s: f64,
     pub partitions: i32,
@@ -176,6 +178,10 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
         summary.records += 1;
         counts_topic[record.topic.index()] += 1;
         *counts_label.entry(record.label.name()).or_default() += 1;
+        if let generator::Payload::Impression(imp) = &record.payload {
+            summary.last_impression_time_ms =
+                Some(summary.last_impression_time_ms.map_or(imp.event_time, |l| l.max(imp.event_time)));
+        }
         if let Some(t) = event_time(&record.payload) {
             summary.first_event_time_ms = Some(summary.first_event_time_ms.map_or(t, |f| f.min(t)));
             summary.last_event_time_ms = Some(summary.last_event_time_ms.map_or(t, |l| l.max(t)));
