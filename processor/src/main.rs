@@ -76,34 +76,34 @@ struct Args {
     /// How often outputs are flushed and input offsets committed.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
+    /// Exit (after a final commit) once every partition is caught up and idle.
+    #[arg(long)]
+    stop_when_idle: bool,
     /// Serve Prometheus metrics here (empty to disable).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: String,
 
     /// Anomalies: EWMA weight of the newest window in the baseline.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.03)]
     anomaly_alpha: f64,
-    /// Anomalies: windows with enough volume before alerting.
+    /// Anomalies: windows with enough volume before scoring.
     #[arg(long, default_value_t = 10)]
     anomaly_warmup_windows: u32,
-    /// Anomalies: |z| that opens an episode.
-    #[arg(long, default_value_t = 4.0)]
-    anomaly_z_enter: f64,
-    /// Anomalies: |z| below which an episode cools down.
-    #[arg(long, default_value_t = 2.0)]
-    anomaly_z_exit: f64,
-    /// Anomalies: relative deviation from the baseline needed to open an episode.
-    #[arg(long, default_value_t = 0.5)]
-    anomaly_min_relative_change: f64,
-    /// Anomalies: minimum impressions in a window to judge its CTR.
-    #[arg(long, default_value_t = 100)]
+    /// Anomalies: rate ratio the SPIKE CUSUM looks for.
+    #[arg(long, default_value_t = 3.0)]
+    anomaly_spike_ratio: f64,
+    /// Anomalies: rate ratio the DROP CUSUM looks for.
+    #[arg(long, default_value_t = 0.3)]
+    anomaly_drop_ratio: f64,
+    /// Anomalies: CUSUM level (log-likelihood ratio) that opens an episode.
+    #[arg(long, default_value_t = 15.0)]
+    anomaly_threshold: f64,
+    /// Anomalies: minimum impressions in a window to score its CTR.
+    #[arg(long, default_value_t = 50)]
     anomaly_min_impressions: i64,
-    /// Anomalies: minimum clicks in a window to judge its conversion rate.
-    #[arg(long, default_value_t = 20)]
+    /// Anomalies: minimum clicks in a window to score its conversion rate.
+    #[arg(long, default_value_t = 5)]
     anomaly_min_clicks: i64,
-    /// Anomalies: calm windows that end an episode.
-    #[arg(long, default_value_t = 3)]
-    anomaly_cooldown_windows: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,18 +130,18 @@ fn main() -> anyhow::Result<()> {
             anomaly: AnomalyConfig {
                 alpha: args.anomaly_alpha,
                 warmup_windows: args.anomaly_warmup_windows,
-                z_enter: args.anomaly_z_enter,
-                z_exit: args.anomaly_z_exit,
-                min_relative_change: args.anomaly_min_relative_change,
+                spike_ratio: args.anomaly_spike_ratio,
+                drop_ratio: args.anomaly_drop_ratio,
+                threshold: args.anomaly_threshold,
                 min_impressions: args.anomaly_min_impressions,
                 min_clicks: args.anomaly_min_clicks,
-                cooldown_windows: args.anomaly_cooldown_windows,
                 ..defaults
             },
         },
         idle_timeout: args.idle_timeout,
         commit_interval: args.commit_interval,
         max_drift_ms: ms(args.max_drift),
+        stop_when_idle: args.stop_when_idle,
     };
     let metrics = Arc::new(Metrics::new());
     if !args.metrics_addr.is_empty() {

@@ -51,6 +51,8 @@ pub struct ProcessorOptions {
     pub commit_interval: Duration,
     /// Pause a partition whose event time runs this far (ms) ahead of the watermark.
     pub max_drift_ms: i64,
+    /// Commit and return once every assigned partition is idle (batch runs, demos).
+    pub stop_when_idle: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +379,16 @@ impl Shell<'_> {
                 self.check_idle_and_drift();
                 self.produce_outputs()?;
                 self.publish_status(status, metrics);
+                if self.opts.stop_when_idle
+                    && !self.partitions.is_empty()
+                    && self.partitions.keys().all(|p| self.engine.is_idle(*p))
+                {
+                    tracing::info!(
+                        watermark = self.engine.watermark(),
+                        "every partition is idle; stopping"
+                    );
+                    return Ok(());
+                }
             }
             if last_commit.elapsed() >= self.opts.commit_interval {
                 self.commit(metrics)?;
@@ -480,40 +492,64 @@ impl Shell<'_> {
     }
 
     fn check_idle_and_drift(&mut self) {
+        struct Info {
+            p: InputPartition,
+            topic: String,
+            caught_up: bool,
+            ahead: i64,
+        }
         let now = Instant::now();
         let wm = self.engine.watermark();
         let keys: Vec<InputPartition> = self.partitions.keys().copied().collect();
+        let infos: Vec<Info> = keys
+            .into_iter()
+            .map(|p| {
+                let topic = self.topics.inputs[p.topic as usize].clone();
+                let position = self
+                    .positions
+                    .get(&(p.topic as usize, p.partition))
+                    .copied();
+                let caught_up = match (self.cached_high_watermark(&topic, p.partition), position) {
+                    (Some(h), Some(pos)) => pos >= h,
+                    (Some(h), None) => h == 0,
+                    (None, _) => false,
+                };
+                let ahead = if wm == i64::MIN {
+                    0
+                } else {
+                    self.engine.partition_watermark(p).saturating_sub(wm)
+                };
+                Info {
+                    p,
+                    topic,
+                    caught_up,
+                    ahead,
+                }
+            })
+            .collect();
+        // Pausing a partition that runs ahead only helps while some partition
+        // behind it still has a backlog to catch up with.
+        let backlog_behind = infos.iter().any(|i| {
+            !i.caught_up
+                && i.ahead <= self.opts.max_drift_ms
+                && self.partitions.get(&i.p).is_some_and(|rt| !rt.paused)
+        });
         let mut to_pause = TopicPartitionList::new();
         let mut to_resume = TopicPartitionList::new();
-        for p in keys {
-            let topic = self.topics.inputs[p.topic as usize].clone();
-            let position = self
-                .positions
-                .get(&(p.topic as usize, p.partition))
-                .copied();
-            let high = self.cached_high_watermark(&topic, p.partition);
-            let caught_up = match (high, position) {
-                (Some(h), Some(pos)) => pos >= h,
-                (Some(h), None) => h == 0,
-                (None, _) => false,
-            };
-            let Some(rt) = self.partitions.get_mut(&p) else {
+        for i in infos {
+            let Some(rt) = self.partitions.get_mut(&i.p) else {
                 continue;
             };
             let quiet = now.duration_since(rt.last_record) >= self.opts.idle_timeout;
-            let idle = quiet && caught_up && !rt.paused;
-            self.engine.set_idle(p, idle);
-            let ahead = self
-                .engine
-                .partition_watermark(p)
-                .saturating_sub(wm.max(i64::MIN / 2));
-            if !rt.paused && wm > i64::MIN && ahead > self.opts.max_drift_ms {
+            self.engine
+                .set_idle(i.p, quiet && i.caught_up && !rt.paused);
+            if !rt.paused && backlog_behind && i.ahead > self.opts.max_drift_ms {
                 rt.paused = true;
-                let _ = to_pause.add_partition(&topic, p.partition);
-            } else if rt.paused && (wm == i64::MIN || ahead <= self.opts.max_drift_ms / 4 * 3) {
+                let _ = to_pause.add_partition(&i.topic, i.p.partition);
+            } else if rt.paused && (!backlog_behind || i.ahead <= self.opts.max_drift_ms / 4 * 3) {
                 rt.paused = false;
                 rt.last_record = now;
-                let _ = to_resume.add_partition(&topic, p.partition);
+                let _ = to_resume.add_partition(&i.topic, i.p.partition);
             }
         }
         if to_pause.count() > 0 {

@@ -141,7 +141,10 @@ fn million_events_match_the_oracle() {
     .expect("producer");
     assert_eq!(summary.records, n);
     let span_h = (summary.last_event_time_ms.expect("times") - start_time) as f64 / 3.6e6;
-    eprintln!("produced {n} records in {:.1}s, event time span {span_h:.1} h", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "produced {n} records in {:.1}s, event time span {span_h:.1} h",
+        t0.elapsed().as_secs_f64()
+    );
     assert!(span_h >= 3.0, "event time spans {span_h:.2} h");
 
     // 2. The oracle, in parallel with the processor.
@@ -165,6 +168,7 @@ fn million_events_match_the_oracle() {
         idle_timeout: Duration::from_secs(2),
         commit_interval: Duration::from_secs(1),
         max_drift_ms: 3_600_000,
+        stop_when_idle: false,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let status = Arc::new(Status::default());
@@ -177,17 +181,35 @@ fn million_events_match_the_oracle() {
     let oracle_status = oracle.wait().expect("oracle ran");
     assert!(oracle_status.success(), "oracle failed");
     let expected: Value =
-        serde_json::from_slice(&std::fs::read(&oracle_out).expect("oracle output")).expect("oracle json");
-    let final_wm = expected["final_watermark"].as_i64().expect("final watermark");
+        serde_json::from_slice(&std::fs::read(&oracle_out).expect("oracle output"))
+            .expect("oracle json");
+    let final_wm = expected["final_watermark"]
+        .as_i64()
+        .expect("final watermark");
 
     // Done when every record is consumed, every partition idle and the
     // watermark has reached the oracle's final watermark.
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut processed_at = None;
+    let mut consumed_at = None;
     loop {
         assert!(!handle.is_finished(), "processor exited early");
         let s = status.snapshot();
-        if s.stats.total().input == n && s.assigned > 0 && s.idle == s.assigned && s.watermark >= final_wm {
+        if s.stats.total().input == n && consumed_at.is_none() {
+            consumed_at = Some(t1.elapsed());
+            eprintln!(
+                "all input consumed after {:.1}s (watermark {}, idle {}/{})",
+                t1.elapsed().as_secs_f64(),
+                s.watermark,
+                s.idle,
+                s.assigned
+            );
+        }
+        if s.stats.total().input == n
+            && s.assigned > 0
+            && s.idle == s.assigned
+            && s.watermark >= final_wm
+        {
             processed_at.get_or_insert(t1.elapsed());
             break;
         }
@@ -195,7 +217,10 @@ fn million_events_match_the_oracle() {
         std::thread::sleep(Duration::from_millis(200));
     }
     stop.store(true, Ordering::Relaxed);
-    handle.join().expect("processor thread").expect("processor run");
+    handle
+        .join()
+        .expect("processor thread")
+        .expect("processor run");
     let secs = processed_at.expect("processed").as_secs_f64();
     let s = status.snapshot();
     eprintln!(
@@ -218,7 +243,9 @@ fn million_events_match_the_oracle() {
                 let j = if r.topic.ends_with("ad-metrics") {
                     serde_json::to_value(codec.decode::<AdMetric>(&v).await.expect("AdMetric"))
                 } else if r.topic.ends_with("campaign-ctr") {
-                    serde_json::to_value(codec.decode::<CampaignCtr>(&v).await.expect("CampaignCtr"))
+                    serde_json::to_value(
+                        codec.decode::<CampaignCtr>(&v).await.expect("CampaignCtr"),
+                    )
                 } else {
                     serde_json::to_value(codec.decode::<AnomalyAlert>(&v).await.expect("alert"))
                 };
@@ -229,31 +256,73 @@ fn million_events_match_the_oracle() {
     };
     let want_metrics = expected["ad_metrics"].as_array().expect("rows").len();
     let want_campaign = expected["campaign_ctr"].as_array().expect("rows").len();
-    let metrics_rows = decode_all(read_all(&stack.bootstrap, &topic("ad-metrics"), Some(want_metrics), idle));
-    let campaign_rows = decode_all(read_all(&stack.bootstrap, &topic("campaign-ctr"), Some(want_campaign), idle));
+    let metrics_rows = decode_all(read_all(
+        &stack.bootstrap,
+        &topic("ad-metrics"),
+        Some(want_metrics),
+        idle,
+    ));
+    let campaign_rows = decode_all(read_all(
+        &stack.bootstrap,
+        &topic("campaign-ctr"),
+        Some(want_campaign),
+        idle,
+    ));
 
     let key_metric = |v: &Value| -> String {
-        ["window_start", "campaign_id", "ad_id", "search_keyword", "state", "ip_range", "device_type"]
-            .iter()
-            .map(|k| v[*k].to_string())
-            .collect::<Vec<_>>()
-            .join("|")
+        [
+            "window_start",
+            "campaign_id",
+            "ad_id",
+            "search_keyword",
+            "state",
+            "ip_range",
+            "device_type",
+        ]
+        .iter()
+        .map(|k| v[*k].to_string())
+        .collect::<Vec<_>>()
+        .join("|")
     };
     let key_campaign =
         |v: &Value| -> String { format!("{}|{}", v["window_start"], v["campaign_id"]) };
     for (name, got, want, key) in [
-        ("ad-metrics", &metrics_rows, &expected["ad_metrics"], &key_metric as &dyn Fn(&Value) -> String),
-        ("campaign-ctr", &campaign_rows, &expected["campaign_ctr"], &key_campaign),
+        (
+            "ad-metrics",
+            &metrics_rows,
+            &expected["ad_metrics"],
+            &key_metric as &dyn Fn(&Value) -> String,
+        ),
+        (
+            "campaign-ctr",
+            &campaign_rows,
+            &expected["campaign_ctr"],
+            &key_campaign,
+        ),
     ] {
         let want = want.as_array().expect("rows");
         let mut got_map = BTreeMap::new();
         for r in got {
-            assert!(got_map.insert(key(r), r.clone()).is_none(), "{name}: row twice: {r}");
+            assert!(
+                got_map.insert(key(r), r.clone()).is_none(),
+                "{name}: row twice: {r}"
+            );
         }
         let want_map: BTreeMap<String, Value> = want.iter().map(|r| (key(r), r.clone())).collect();
-        let missing: Vec<_> = want_map.keys().filter(|k| !got_map.contains_key(*k)).take(5).collect();
-        let extra: Vec<_> = got_map.keys().filter(|k| !want_map.contains_key(*k)).take(5).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "{name}: missing {missing:?}, extra {extra:?}");
+        let missing: Vec<_> = want_map
+            .keys()
+            .filter(|k| !got_map.contains_key(*k))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = got_map
+            .keys()
+            .filter(|k| !want_map.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: missing {missing:?}, extra {extra:?}"
+        );
         for (k, w) in &want_map {
             assert_eq!(&got_map[k], w, "{name} row {k}");
         }
@@ -269,18 +338,34 @@ fn million_events_match_the_oracle() {
     ] {
         let want = oracle_set(&expected["side_outputs"][key]);
         let got_records = read_all(&stack.bootstrap, &topic(t), Some(want.len()), idle);
-        assert_eq!(got_records.len(), want.len(), "{name}: one side output per record");
+        assert_eq!(
+            got_records.len(),
+            want.len(),
+            "{name}: one side output per record"
+        );
         let got = side_set(&got_records, &prefix);
         assert_eq!(got, want, "{name} records are the oracle's");
         assert_eq!(counts[key].as_u64(), Some(want.len() as u64));
         eprintln!("{name}: {} records equal to the oracle's", want.len());
     }
     let total = s.stats.total();
-    assert_eq!(Some(total.duplicate), counts["duplicate"].as_u64(), "duplicates");
+    assert_eq!(
+        Some(total.duplicate),
+        counts["duplicate"].as_u64(),
+        "duplicates"
+    );
     assert_eq!(Some(total.counted), counts["counted"].as_u64(), "counted");
     assert_eq!(Some(total.late), counts["late"].as_u64(), "late");
-    assert_eq!(Some(total.unmatched), counts["unmatched"].as_u64(), "unmatched");
-    assert_eq!(Some(total.dead_letter), counts["dead_letter"].as_u64(), "dead letters");
+    assert_eq!(
+        Some(total.unmatched),
+        counts["unmatched"].as_u64(),
+        "unmatched"
+    );
+    assert_eq!(
+        Some(total.dead_letter),
+        counts["dead_letter"].as_u64(),
+        "dead letters"
+    );
     for k in ["late", "duplicate", "unmatched", "dead_letter"] {
         assert!(counts[k].as_u64().unwrap_or(0) > 0, "the run exercised {k}");
     }
@@ -290,10 +375,19 @@ fn million_events_match_the_oracle() {
     // partial impression count but its clicks, a real CTR jump that only a
     // finite test stream has. Alerts from that window on are not scored.
     let last_imp = summary.last_impression_time_ms.expect("impressions sent");
-    let alerts: Vec<Value> = decode_all(read_all(&stack.bootstrap, &topic("anomaly-alerts"), None, idle))
-        .into_iter()
-        .filter(|a| a["window_end"].as_i64().is_some_and(|e| e <= last_imp - last_imp.rem_euclid(60_000)))
-        .collect();
+    let alerts: Vec<Value> = decode_all(read_all(
+        &stack.bootstrap,
+        &topic("anomaly-alerts"),
+        None,
+        idle,
+    ))
+    .into_iter()
+    .filter(|a| {
+        a["window_end"]
+            .as_i64()
+            .is_some_and(|e| e <= last_imp - last_imp.rem_euclid(60_000))
+    })
+    .collect();
     let mut detected = 0;
     for e in &episodes {
         let metric = serde_json::to_value(e.metric).expect("metric");
@@ -303,9 +397,17 @@ fn million_events_match_the_oracle() {
             a["campaign_id"] == e.campaign.as_str()
                 && a["metric"] == metric
                 && a["kind"] == kind
-                && a["window_start"].as_i64().is_some_and(|w| w >= e.start_ms && w < e.end_ms + 3_600_000)
+                && a["window_start"]
+                    .as_i64()
+                    .is_some_and(|w| w >= e.start_ms && w < e.end_ms + 3_600_000)
         });
-        eprintln!("episode {} {:?} {:?}: {}", e.campaign, e.metric, e.kind, if hit { "detected" } else { "MISSED" });
+        eprintln!(
+            "episode {} {:?} {:?}: {}",
+            e.campaign,
+            e.metric,
+            e.kind,
+            if hit { "detected" } else { "MISSED" }
+        );
         detected += usize::from(hit);
     }
     let episode_campaigns: BTreeSet<&str> = episodes.iter().map(|e| e.campaign.as_str()).collect();
@@ -324,12 +426,22 @@ fn million_events_match_the_oracle() {
         alerts.len(),
         true_alerts as f64 / alerts.len().max(1) as f64,
         detected as f64 / episodes.len() as f64,
-        alerts.iter().map(|a| a["alert_id"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>()
+        alerts
+            .iter()
+            .map(|a| a["alert_id"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
     );
-    assert_eq!(detected, episodes.len(), "every injected episode raises its alert");
+    assert_eq!(
+        detected,
+        episodes.len(),
+        "every injected episode raises its alert"
+    );
     let steady: Vec<_> = alerts
         .iter()
         .filter(|a| !episode_campaigns.contains(a["campaign_id"].as_str().unwrap_or("")))
         .collect();
-    assert!(steady.is_empty(), "steady campaigns raised alerts: {steady:?}");
+    assert!(
+        steady.is_empty(),
+        "steady campaigns raised alerts: {steady:?}"
+    );
 }

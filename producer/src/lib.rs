@@ -179,8 +179,11 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
         counts_topic[record.topic.index()] += 1;
         *counts_label.entry(record.label.name()).or_default() += 1;
         if let generator::Payload::Impression(imp) = &record.payload {
-            summary.last_impression_time_ms =
-                Some(summary.last_impression_time_ms.map_or(imp.event_time, |l| l.max(imp.event_time)));
+            summary.last_impression_time_ms = Some(
+                summary
+                    .last_impression_time_ms
+                    .map_or(imp.event_time, |l| l.max(imp.event_time)),
+            );
         }
         if let Some(t) = event_time(&record.payload) {
             summary.first_event_time_ms = Some(summary.first_event_time_ms.map_or(t, |f| f.min(t)));
