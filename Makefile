@@ -5,8 +5,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 DEMO_DIR ?= .stack/demo
-DEMO_PREFIX ?=
-DEMO_EVENTS ?= 300000
+DEMO_EVENTS ?= 600000
 
 .PHONY: all build bootstrap stack-up stack-down stack-status topics demo test test-unit lint fmt check-schemas check-compose clean
 
@@ -32,17 +31,24 @@ topics: build
 
 demo: build stack-up
 	@eval "$$(scripts/stack.sh env)"; mkdir -p $(DEMO_DIR); \
+	prefix="$${DEMO_PREFIX:-demo-$$(date +%s).}"; export ADSTREAM_TOPIC_PREFIX="$$prefix"; \
 	./topics.sh 6 1 >/dev/null; \
-	echo "== producing $(DEMO_EVENTS) events (scenario: scenarios/demo.json)"; \
-	./target/release/adstream-producer --events $(DEMO_EVENTS) --seed 7 \
+	echo "== producing $(DEMO_EVENTS) events under topic prefix $$prefix (scenario: scenarios/demo.json)"; \
+	./target/release/adstream-producer --events $(DEMO_EVENTS) --seed 7 --event-rate 60 \
 	  --scenario scenarios/demo.json --episodes-out $(DEMO_DIR)/episodes.json \
 	  --record $(DEMO_DIR)/sent.jsonl --summary-out $(DEMO_DIR)/summary.json; \
-	echo "== summary ($(DEMO_DIR)/summary.json)"; cat $(DEMO_DIR)/summary.json; echo; \
-	echo "== injected anomaly episodes ($(DEMO_DIR)/episodes.json)"; cat $(DEMO_DIR)/episodes.json; echo; \
-	for t in ad-impressions ad-clicks ad-conversions; do \
-	  echo "== first records of $$t"; ./target/release/adstream-admin peek --topic $$t --count 2; done; \
-	echo "== topics"; ./target/release/adstream-admin describe; \
-	echo; echo "Everything sent is recorded in $(DEMO_DIR)/sent.jsonl."; \
+	echo "== producer summary ($(DEMO_DIR)/summary.json)"; cat $(DEMO_DIR)/summary.json; echo; \
+	echo "== processor (stops once every partition is caught up and idle)"; \
+	./target/release/adstream-processor --group-id "$${prefix}processor" --idle-timeout 3s \
+	  --stop-when-idle --metrics-addr "" -X session.timeout.ms=6000 2>&1 | grep -E "started|stopping|stopped|ERROR|WARN" || true; \
+	echo "== a few campaign-ctr rollups"; ./target/release/adstream-admin peek --topic campaign-ctr --count 5; \
+	echo "== a few ad-metrics rollups"; ./target/release/adstream-admin peek --topic ad-metrics --count 3; \
+	echo "== anomaly alerts"; ./target/release/adstream-admin peek --topic anomaly-alerts --count 20; \
+	echo "== injected episodes ($(DEMO_DIR)/episodes.json)"; cat $(DEMO_DIR)/episodes.json; echo; \
+	echo "== side outputs (first of each)"; \
+	for t in ad-late-events ad-unmatched ad-dead-letter; do echo "-- $$t"; ./target/release/adstream-admin peek --topic $$t --count 1; done; \
+	echo; echo "Everything sent is recorded in $(DEMO_DIR)/sent.jsonl; check it with: python3 oracle/oracle.py $(DEMO_DIR)/sent.jsonl --out $(DEMO_DIR)/oracle.json"; \
+	echo "Topics: ./target/release/adstream-admin --topic-prefix $$prefix describe"; \
 	echo "The stack keeps running: 'make stack-status', 'make stack-down'."
 
 fmt:

@@ -77,18 +77,41 @@ fn side_set(records: &[Consumed], prefix: &str) -> BTreeSet<(String, i64, i64)> 
         .collect()
 }
 
-fn oracle_set(v: &Value) -> BTreeSet<(String, i64, i64)> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|t| {
-            (
-                t[0].as_str().expect("topic").to_owned(),
-                t[1].as_i64().expect("partition"),
-                t[2].as_i64().expect("offset"),
-            )
-        })
-        .collect()
+fn oracle_set(v: &[(String, i64, i64)]) -> BTreeSet<(String, i64, i64)> {
+    v.iter().cloned().collect()
+}
+
+/// The parts of the oracle's output this test compares.
+#[derive(serde::Deserialize)]
+struct OracleOut {
+    final_watermark: i64,
+    counts: BTreeMap<String, u64>,
+    ad_metrics: Vec<AdMetric>,
+    campaign_ctr: Vec<CampaignCtr>,
+    side_outputs: BTreeMap<String, Vec<(String, i64, i64)>>,
+}
+
+/// Equal row for row (both sorted by grain); reports the first difference.
+fn compare_rows<T: PartialEq + std::fmt::Debug>(
+    name: &str,
+    got: &[T],
+    want: &[T],
+    key: impl Fn(&T) -> String,
+) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            g,
+            w,
+            "{name}: first difference at sorted row {i} ({} vs {})",
+            key(g),
+            key(w)
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{name}: row counts");
+    eprintln!(
+        "{name}: {} rows equal to the oracle's, field for field",
+        want.len()
+    );
 }
 
 #[test]
@@ -180,12 +203,11 @@ fn million_events_match_the_oracle() {
     };
     let oracle_status = oracle.wait().expect("oracle ran");
     assert!(oracle_status.success(), "oracle failed");
-    let expected: Value =
-        serde_json::from_slice(&std::fs::read(&oracle_out).expect("oracle output"))
-            .expect("oracle json");
-    let final_wm = expected["final_watermark"]
-        .as_i64()
-        .expect("final watermark");
+    let expected: OracleOut = serde_json::from_reader(std::io::BufReader::new(
+        std::fs::File::open(&oracle_out).expect("oracle output"),
+    ))
+    .expect("oracle json");
+    let final_wm = expected.final_watermark;
 
     // Done when every record is consumed, every partition idle and the
     // watermark has reached the oracle's final watermark.
@@ -231,112 +253,77 @@ fn million_events_match_the_oracle() {
     );
     assert_eq!(s.watermark, final_wm, "final watermark equals the oracle's");
 
-    // 4. Read back and compare.
+    // 4. Read back and compare, typed (a million JSON trees would need gigabytes).
     let topic = |t: &str| vec![format!("{prefix}{t}")];
     let idle = Duration::from_secs(5);
     let codec = Codec::new(&stack.registry_url).expect("codec");
-    let decode_all = |records: Vec<Consumed>| -> Vec<Value> {
-        rt.block_on(async {
-            let mut out = Vec::new();
-            for r in records {
-                let v = r.value.expect("value");
-                let j = if r.topic.ends_with("ad-metrics") {
-                    serde_json::to_value(codec.decode::<AdMetric>(&v).await.expect("AdMetric"))
-                } else if r.topic.ends_with("campaign-ctr") {
-                    serde_json::to_value(
-                        codec.decode::<CampaignCtr>(&v).await.expect("CampaignCtr"),
-                    )
-                } else {
-                    serde_json::to_value(codec.decode::<AnomalyAlert>(&v).await.expect("alert"))
-                };
-                out.push(j.expect("json"));
-            }
-            out
-        })
-    };
-    let want_metrics = expected["ad_metrics"].as_array().expect("rows").len();
-    let want_campaign = expected["campaign_ctr"].as_array().expect("rows").len();
-    let metrics_rows = decode_all(read_all(
-        &stack.bootstrap,
-        &topic("ad-metrics"),
-        Some(want_metrics),
-        idle,
-    ));
-    let campaign_rows = decode_all(read_all(
-        &stack.bootstrap,
-        &topic("campaign-ctr"),
-        Some(want_campaign),
-        idle,
-    ));
-
-    let key_metric = |v: &Value| -> String {
-        [
-            "window_start",
-            "campaign_id",
-            "ad_id",
-            "search_keyword",
-            "state",
-            "ip_range",
-            "device_type",
-        ]
-        .iter()
-        .map(|k| v[*k].to_string())
-        .collect::<Vec<_>>()
-        .join("|")
-    };
-    let key_campaign =
-        |v: &Value| -> String { format!("{}|{}", v["window_start"], v["campaign_id"]) };
-    for (name, got, want, key) in [
-        (
-            "ad-metrics",
-            &metrics_rows,
-            &expected["ad_metrics"],
-            &key_metric as &dyn Fn(&Value) -> String,
-        ),
-        (
-            "campaign-ctr",
-            &campaign_rows,
-            &expected["campaign_ctr"],
-            &key_campaign,
-        ),
-    ] {
-        let want = want.as_array().expect("rows");
-        let mut got_map = BTreeMap::new();
-        for r in got {
-            assert!(
-                got_map.insert(key(r), r.clone()).is_none(),
-                "{name}: row twice: {r}"
+    let mut metrics_rows: Vec<AdMetric> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in read_all(
+            &stack.bootstrap,
+            &topic("ad-metrics"),
+            Some(expected.ad_metrics.len()),
+            idle,
+        ) {
+            out.push(
+                codec
+                    .decode::<AdMetric>(&r.value.expect("value"))
+                    .await
+                    .expect("AdMetric"),
             );
         }
-        let want_map: BTreeMap<String, Value> = want.iter().map(|r| (key(r), r.clone())).collect();
-        let missing: Vec<_> = want_map
-            .keys()
-            .filter(|k| !got_map.contains_key(*k))
-            .take(5)
-            .collect();
-        let extra: Vec<_> = got_map
-            .keys()
-            .filter(|k| !want_map.contains_key(*k))
-            .take(5)
-            .collect();
-        assert!(
-            missing.is_empty() && extra.is_empty(),
-            "{name}: missing {missing:?}, extra {extra:?}"
-        );
-        for (k, w) in &want_map {
-            assert_eq!(&got_map[k], w, "{name} row {k}");
+        out
+    });
+    let mut campaign_rows: Vec<CampaignCtr> = rt.block_on(async {
+        let mut out = Vec::new();
+        for r in read_all(
+            &stack.bootstrap,
+            &topic("campaign-ctr"),
+            Some(expected.campaign_ctr.len()),
+            idle,
+        ) {
+            out.push(
+                codec
+                    .decode::<CampaignCtr>(&r.value.expect("value"))
+                    .await
+                    .expect("CampaignCtr"),
+            );
         }
-        eprintln!("{name}: {} rows equal to the oracle's", want_map.len());
-    }
+        out
+    });
+    let metric_key = |m: &AdMetric| {
+        (
+            m.window_start,
+            m.campaign_id.clone(),
+            m.ad_id.clone(),
+            m.search_keyword.clone(),
+            m.state.clone(),
+            m.ip_range.clone(),
+            m.device_type.clone(),
+        )
+    };
+    let mut want_metrics = expected.ad_metrics;
+    metrics_rows.sort_by_key(metric_key);
+    want_metrics.sort_by_key(metric_key);
+    compare_rows("ad-metrics", &metrics_rows, &want_metrics, |m| {
+        format!("{:?}", metric_key(m))
+    });
+    let campaign_key = |m: &CampaignCtr| (m.window_start, m.campaign_id.clone());
+    let mut want_campaigns = expected.campaign_ctr;
+    campaign_rows.sort_by_key(campaign_key);
+    want_campaigns.sort_by_key(campaign_key);
+    compare_rows("campaign-ctr", &campaign_rows, &want_campaigns, |m| {
+        format!("{:?}", campaign_key(m))
+    });
 
     // Side outputs and counts.
-    let counts = &expected["counts"];
+    let counts = &expected.counts;
     for (name, t, key) in [
         ("late", "ad-late-events", "late"),
         ("unmatched", "ad-unmatched", "unmatched"),
         ("dead letter", "ad-dead-letter", "dead_letter"),
     ] {
-        let want = oracle_set(&expected["side_outputs"][key]);
+        let want = oracle_set(&expected.side_outputs[key]);
         let got_records = read_all(&stack.bootstrap, &topic(t), Some(want.len()), idle);
         assert_eq!(
             got_records.len(),
@@ -345,29 +332,28 @@ fn million_events_match_the_oracle() {
         );
         let got = side_set(&got_records, &prefix);
         assert_eq!(got, want, "{name} records are the oracle's");
-        assert_eq!(counts[key].as_u64(), Some(want.len() as u64));
+        assert_eq!(counts.get(key).copied(), Some(want.len() as u64));
         eprintln!("{name}: {} records equal to the oracle's", want.len());
     }
     let total = s.stats.total();
-    assert_eq!(
-        Some(total.duplicate),
-        counts["duplicate"].as_u64(),
-        "duplicates"
-    );
-    assert_eq!(Some(total.counted), counts["counted"].as_u64(), "counted");
-    assert_eq!(Some(total.late), counts["late"].as_u64(), "late");
-    assert_eq!(
-        Some(total.unmatched),
-        counts["unmatched"].as_u64(),
-        "unmatched"
-    );
-    assert_eq!(
-        Some(total.dead_letter),
-        counts["dead_letter"].as_u64(),
-        "dead letters"
-    );
+    for (k, got) in [
+        ("duplicate", total.duplicate),
+        ("counted", total.counted),
+        ("late", total.late),
+        ("unmatched", total.unmatched),
+        ("dead_letter", total.dead_letter),
+    ] {
+        assert_eq!(
+            counts.get(k).copied(),
+            Some(got),
+            "{k} count equals the oracle's"
+        );
+    }
     for k in ["late", "duplicate", "unmatched", "dead_letter"] {
-        assert!(counts[k].as_u64().unwrap_or(0) > 0, "the run exercised {k}");
+        assert!(
+            counts.get(k).copied().unwrap_or(0) > 0,
+            "the run exercised {k}"
+        );
     }
 
     // Alerts: every episode detected, no alert on a campaign without one.
@@ -375,19 +361,25 @@ fn million_events_match_the_oracle() {
     // partial impression count but its clicks, a real CTR jump that only a
     // finite test stream has. Alerts from that window on are not scored.
     let last_imp = summary.last_impression_time_ms.expect("impressions sent");
-    let alerts: Vec<Value> = decode_all(read_all(
-        &stack.bootstrap,
-        &topic("anomaly-alerts"),
-        None,
-        idle,
-    ))
-    .into_iter()
-    .filter(|a| {
-        a["window_end"]
-            .as_i64()
-            .is_some_and(|e| e <= last_imp - last_imp.rem_euclid(60_000))
-    })
-    .collect();
+    let alerts: Vec<Value> = rt
+        .block_on(async {
+            let mut out = Vec::new();
+            for r in read_all(&stack.bootstrap, &topic("anomaly-alerts"), None, idle) {
+                let a = codec
+                    .decode::<AnomalyAlert>(&r.value.expect("value"))
+                    .await
+                    .expect("alert");
+                out.push(serde_json::to_value(a).expect("json"));
+            }
+            out
+        })
+        .into_iter()
+        .filter(|a| {
+            a["window_end"]
+                .as_i64()
+                .is_some_and(|e| e <= last_imp - last_imp.rem_euclid(60_000))
+        })
+        .collect();
     let mut detected = 0;
     for e in &episodes {
         let metric = serde_json::to_value(e.metric).expect("metric");
