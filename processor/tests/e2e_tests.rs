@@ -47,7 +47,7 @@ fn scenario() -> Vec<scenario::EpisodeSpec> {
     [
         "campaign=cmp-0001,metric=CTR,kind=SPIKE,start=+45m,duration=15m,factor=4",
         "campaign=cmp-0002,metric=CTR,kind=DROP,start=+80m,duration=15m,factor=0.05",
-        "campaign=cmp-0003,metric=CONVERSION_RATE,kind=SPIKE,start=+110m,duration=30m,factor=8",
+        "campaign=cmp-0004,metric=CONVERSION_RATE,kind=SPIKE,start=+110m,duration=30m,factor=6",
     ]
     .iter()
     .map(|s| scenario::parse_flag(s).expect("valid episode"))

@@ -24,7 +24,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use adstream_schemas::{Click, Conversion, Impression};
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, LogNormal, Zipf};
+use rand_distr::{Distribution, LogNormal};
 use rand_pcg::Pcg64Mcg;
 
 use crate::scenario::{Episode, Metric};
@@ -277,6 +277,7 @@ fn mix(mut x: u64) -> u64 {
 }
 
 /// Traits of a user, a pure function of (seed, user index).
+#[derive(Clone)]
 struct UserTraits {
     ip: String,
     state: &'static str,
@@ -324,11 +325,43 @@ fn user_traits(seed: u64, user: u64, ipv6_share: f64) -> UserTraits {
     UserTraits { ip, state, device }
 }
 
+/// Zipf(s) over ranks 1..=n by inverse CDF: one uniform draw and a binary
+/// search, instead of rejection sampling's powers and logarithms per draw.
+struct ZipfTable {
+    cdf: Vec<f64>,
+}
+
+impl ZipfTable {
+    fn new(n: usize, s: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n.max(1))
+            .map(|k| {
+                acc += (k as f64).powf(-s);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        ZipfTable { cdf }
+    }
+
+    /// A rank in `1..=n`.
+    fn sample(&self, rng: &mut Pcg64Mcg) -> usize {
+        let u: f64 = rng.random();
+        self.cdf
+            .partition_point(|c| *c <= u)
+            .min(self.cdf.len() - 1)
+            + 1
+    }
+}
+
 /// Scheduled record, ordered by (emit time, sequence number).
 struct Pending {
     emit_at: i64,
     seq: u64,
-    record: GeneratedRecord,
+    // Boxed so heap sifts move 24 bytes, not a whole record.
+    record: Box<GeneratedRecord>,
 }
 
 impl PartialEq for Pending {
@@ -353,14 +386,16 @@ pub struct Generator {
     cfg: GeneratorConfig,
     rng: Pcg64Mcg,
     campaigns: Vec<CampaignProfile>,
-    campaign_zipf: Zipf<f64>,
-    ad_zipf: Vec<Zipf<f64>>,
-    keyword_zipf: Zipf<f64>,
-    user_zipf: Zipf<f64>,
+    campaign_zipf: ZipfTable,
+    ad_zipf: Vec<ZipfTable>,
+    keyword_zipf: ZipfTable,
+    user_zipf: ZipfTable,
     keywords: Vec<String>,
     click_delay: LogNormal<f64>,
     conversion_delay: LogNormal<f64>,
     heap: BinaryHeap<Reverse<Pending>>,
+    /// Memo of [`user_traits`] and user ids (pure functions, so caching cannot change output).
+    users: std::collections::HashMap<u64, (UserTraits, String)>,
     seq: u64,
     impressions: u64,
     ids: u64,
@@ -394,7 +429,7 @@ impl Generator {
                 }
             })
             .collect::<Vec<_>>();
-        let zipf = |n: usize, s: f64| Zipf::new(n.max(1) as f64, s).expect("n >= 1 and s > 0");
+        let zipf = ZipfTable::new;
         let ad_zipf = campaigns.iter().map(|c| zipf(c.ads.len(), 1.2)).collect();
         let keywords = (0..cfg.keywords.max(1))
             .map(|i| {
@@ -422,6 +457,7 @@ impl Generator {
             rng,
             cfg,
             heap: BinaryHeap::new(),
+            users: std::collections::HashMap::new(),
             seq: 0,
             impressions: 0,
             ids: 0,
@@ -498,7 +534,7 @@ impl Generator {
         self.heap.push(Reverse(Pending {
             emit_at,
             seq: self.seq,
-            record,
+            record: Box::new(record),
         }));
     }
 
@@ -511,13 +547,18 @@ impl Generator {
         self.clock_f += gap;
         self.clock = self.clock_f as i64;
 
-        let ci = self.campaign_zipf.sample(&mut self.rng) as usize - 1;
-        let ai = self.ad_zipf[ci].sample(&mut self.rng) as usize - 1;
+        let ci = self.campaign_zipf.sample(&mut self.rng) - 1;
+        let ai = self.ad_zipf[ci].sample(&mut self.rng) - 1;
         // Each campaign favours its own keywords: rotate the Zipf ranks.
-        let kr = self.keyword_zipf.sample(&mut self.rng) as usize - 1;
+        let kr = self.keyword_zipf.sample(&mut self.rng) - 1;
         let ki = (kr + ci * 37) % self.keywords.len();
         let user = self.user_zipf.sample(&mut self.rng) as u64 - 1;
-        let traits = user_traits(self.cfg.seed, user, self.cfg.ipv6_share);
+        let (seed, share) = (self.cfg.seed, self.cfg.ipv6_share);
+        let (traits, user_id) = self
+            .users
+            .entry(user)
+            .or_insert_with(|| (user_traits(seed, user, share), format!("u-{user:07}")))
+            .clone();
         let campaign = &self.campaigns[ci];
         let campaign_id = campaign.id.clone();
         let (imp_cost, click_cost, order_value) = (
@@ -546,7 +587,7 @@ impl Generator {
             campaign_id: campaign_id.clone(),
             ad_id,
             search_keyword: self.keywords[ki].clone(),
-            user_id: format!("u-{user:07}"),
+            user_id,
             user_ip: traits.ip.clone(),
             state: traits.state.to_owned(),
             device_type: traits.device.to_owned(),
@@ -819,7 +860,7 @@ impl Iterator for Generator {
                 if exhausted || top.emit_at <= self.clock {
                     let Reverse(p) = self.heap.pop().expect("peeked");
                     self.emitted += 1;
-                    return Some(p.record);
+                    return Some(*p.record);
                 }
             } else if exhausted {
                 return None;
