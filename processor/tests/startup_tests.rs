@@ -106,3 +106,53 @@ fn refuses_a_writer_schema_it_cannot_read() {
         "{text}"
     );
 }
+
+#[test]
+fn sigterm_stops_the_binary_cleanly_with_a_final_commit() {
+    let stack = Stack::from_env();
+    let prefix = unique_prefix("sigterm");
+    runtime().block_on(stack.create_topics(&prefix, 2));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_adstream-processor"))
+        .args([
+            "--topic-prefix",
+            &prefix,
+            "--group-id",
+            &format!("{prefix}g"),
+            "--metrics-addr",
+            "",
+        ])
+        .args(["-X", "session.timeout.ms=6000"])
+        .env("KAFKA_BOOTSTRAP_SERVERS", &stack.bootstrap)
+        .env("SCHEMA_REGISTRY_URL", &stack.registry_url)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the processor");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "still running before the signal"
+    );
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("poll") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut log)
+        .expect("read log");
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+}
