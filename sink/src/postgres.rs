@@ -1,0 +1,471 @@
+//! Loads the result topics into PostgreSQL, exactly once per row.
+//!
+//! The loader assigns itself every partition of `ad-metrics`,
+//! `campaign-ctr` and `anomaly-alerts` and starts each at the position stored
+//! in `sink_offsets` (or the beginning). Rows are batched (`--batch-size`,
+//! `--linger`); a batch is written in one transaction: binary `COPY` into a
+//! session-local staging table, `INSERT … ON CONFLICT (grain) DO UPDATE` into
+//! the real table, and the new positions into `sink_offsets`. Either all of
+//! it commits or none, so a crash at any moment neither loses nor duplicates
+//! a row: the restarted loader resumes from the committed positions, and
+//! rows it writes again overwrite themselves (the upsert makes replays of
+//! the topic harmless too). Kafka's own committed offsets are not used.
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, Pool};
+use futures_util::pin_mut;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::NoTls;
+
+use adstream_schemas::topics;
+use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
+
+use crate::migrations::{migrate, MigrationError};
+
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    pub bootstrap: String,
+    pub registry_url: String,
+    pub overrides: Vec<(String, String)>,
+    pub topic_prefix: String,
+    pub database_url: String,
+    pub batch_size: usize,
+    pub linger: Duration,
+    /// Name under which positions are stored in `sink_offsets`.
+    pub consumer: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("database URL: {0}")]
+    DatabaseUrl(tokio_postgres::Error),
+    #[error("connection pool: {0}")]
+    Pool(String),
+    #[error("PostgreSQL: {context}: {source}")]
+    Postgres {
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error("Kafka: {context}: {source}")]
+    Kafka {
+        context: &'static str,
+        source: KafkaError,
+    },
+    #[error("topic {0} does not exist (create it with topics.sh)")]
+    MissingTopic(String),
+    #[error("schema registry: {0}")]
+    Schema(#[from] CodecError),
+}
+
+fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
+    move |source| SinkError::Postgres { context, source }
+}
+
+fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> SinkError {
+    move |source| SinkError::Kafka { context, source }
+}
+
+/// Counters for tests, health checks and metrics.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    pub rows_loaded: AtomicU64,
+    pub batches: AtomicU64,
+    pub undecodable: AtomicU64,
+}
+
+/// A pool for `url`.
+pub fn pool(url: &str) -> Result<Pool, SinkError> {
+    let config = tokio_postgres::Config::from_str(url).map_err(SinkError::DatabaseUrl)?;
+    Pool::builder(Manager::new(config, NoTls))
+        .max_size(4)
+        .build()
+        .map_err(|e| SinkError::Pool(e.to_string()))
+}
+
+fn ts(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// The ad-metrics grain: (window_start, campaign, ad, keyword, state, ip_range, device).
+type MetricKey = (i64, String, String, String, String, String, String);
+
+/// One batch: rows keyed by their grain (last write wins) and positions.
+#[derive(Default)]
+struct Batch {
+    metrics: BTreeMap<MetricKey, AdMetric>,
+    campaigns: BTreeMap<(i64, String), CampaignCtr>,
+    alerts: BTreeMap<String, AnomalyAlert>,
+    positions: HashMap<(String, i32), i64>,
+    records: usize,
+    started: Option<Instant>,
+}
+
+impl Batch {
+    fn rows(&self) -> usize {
+        self.metrics.len() + self.campaigns.len() + self.alerts.len()
+    }
+}
+
+const METRIC_TYPES: [Type; 15] = [
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+];
+const CAMPAIGN_TYPES: [Type; 10] = [
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+];
+const ALERT_TYPES: [Type; 12] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TIMESTAMPTZ,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TIMESTAMPTZ,
+];
+
+const STAGING: &str = "
+    CREATE TEMP TABLE IF NOT EXISTS stage_ad_metrics (LIKE ad_metrics) ON COMMIT DELETE ROWS;
+    CREATE TEMP TABLE IF NOT EXISTS stage_campaign_ctr (LIKE campaign_ctr) ON COMMIT DELETE ROWS;
+    CREATE TEMP TABLE IF NOT EXISTS stage_anomaly_alerts (LIKE anomaly_alerts) ON COMMIT DELETE ROWS;";
+
+const UPSERT_METRICS: &str = "
+    INSERT INTO ad_metrics SELECT * FROM stage_ad_metrics
+    ON CONFLICT (time, campaign_id, ad_id, search_keyword, state, ip_range, device_type) DO UPDATE SET
+        window_end = EXCLUDED.window_end, impressions = EXCLUDED.impressions, clicks = EXCLUDED.clicks,
+        conversions = EXCLUDED.conversions, cost_micros = EXCLUDED.cost_micros,
+        revenue_micros = EXCLUDED.revenue_micros, ctr = EXCLUDED.ctr, conversion_rate = EXCLUDED.conversion_rate";
+const UPSERT_CAMPAIGNS: &str = "
+    INSERT INTO campaign_ctr SELECT * FROM stage_campaign_ctr
+    ON CONFLICT (time, campaign_id) DO UPDATE SET
+        window_end = EXCLUDED.window_end, impressions = EXCLUDED.impressions, clicks = EXCLUDED.clicks,
+        conversions = EXCLUDED.conversions, cost_micros = EXCLUDED.cost_micros,
+        revenue_micros = EXCLUDED.revenue_micros, ctr = EXCLUDED.ctr, conversion_rate = EXCLUDED.conversion_rate";
+const UPSERT_ALERTS: &str = "
+    INSERT INTO anomaly_alerts SELECT * FROM stage_anomaly_alerts
+    ON CONFLICT (alert_id) DO UPDATE SET
+        campaign_id = EXCLUDED.campaign_id, metric = EXCLUDED.metric, kind = EXCLUDED.kind,
+        time = EXCLUDED.time, window_end = EXCLUDED.window_end, value = EXCLUDED.value,
+        baseline = EXCLUDED.baseline, score = EXCLUDED.score, impressions = EXCLUDED.impressions,
+        clicks = EXCLUDED.clicks, detected_at = EXCLUDED.detected_at";
+
+async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    types: &[Type],
+    rows: impl Iterator<Item = Vec<Box<dyn ToSql + Sync + Send>>>,
+) -> Result<(), SinkError> {
+    let sink = tx.copy_in(statement).await.map_err(pg("starting COPY"))?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    pin_mut!(writer);
+    for row in rows {
+        let refs: Vec<&(dyn ToSql + Sync)> = row
+            .iter()
+            .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        writer.as_mut().write(&refs).await.map_err(pg("COPY row"))?;
+    }
+    writer.finish().await.map_err(pg("finishing COPY"))?;
+    Ok(())
+}
+
+/// Writes one batch and its positions in one transaction.
+async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| SinkError::Pool(e.to_string()))?;
+    client
+        .batch_execute(STAGING)
+        .await
+        .map_err(pg("creating staging tables"))?;
+    let tx = client.transaction().await.map_err(pg("BEGIN"))?;
+    if !batch.metrics.is_empty() {
+        copy_rows(
+            &tx,
+            "COPY stage_ad_metrics FROM STDIN BINARY",
+            &METRIC_TYPES,
+            batch.metrics.values().map(|m| {
+                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+                    Box::new(ts(m.window_start)),
+                    Box::new(ts(m.window_end)),
+                    Box::new(m.campaign_id.clone()),
+                    Box::new(m.ad_id.clone()),
+                    Box::new(m.search_keyword.clone()),
+                    Box::new(m.state.clone()),
+                    Box::new(m.ip_range.clone()),
+                    Box::new(m.device_type.clone()),
+                    Box::new(m.impressions),
+                    Box::new(m.clicks),
+                    Box::new(m.conversions),
+                    Box::new(m.cost_micros),
+                    Box::new(m.revenue_micros),
+                    Box::new(m.ctr),
+                    Box::new(m.conversion_rate),
+                ];
+                row
+            }),
+        )
+        .await?;
+        tx.execute(UPSERT_METRICS, &[])
+            .await
+            .map_err(pg("upserting ad_metrics"))?;
+    }
+    if !batch.campaigns.is_empty() {
+        copy_rows(
+            &tx,
+            "COPY stage_campaign_ctr FROM STDIN BINARY",
+            &CAMPAIGN_TYPES,
+            batch.campaigns.values().map(|m| {
+                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+                    Box::new(ts(m.window_start)),
+                    Box::new(ts(m.window_end)),
+                    Box::new(m.campaign_id.clone()),
+                    Box::new(m.impressions),
+                    Box::new(m.clicks),
+                    Box::new(m.conversions),
+                    Box::new(m.cost_micros),
+                    Box::new(m.revenue_micros),
+                    Box::new(m.ctr),
+                    Box::new(m.conversion_rate),
+                ];
+                row
+            }),
+        )
+        .await?;
+        tx.execute(UPSERT_CAMPAIGNS, &[])
+            .await
+            .map_err(pg("upserting campaign_ctr"))?;
+    }
+    if !batch.alerts.is_empty() {
+        copy_rows(
+            &tx,
+            "COPY stage_anomaly_alerts FROM STDIN BINARY",
+            &ALERT_TYPES,
+            batch.alerts.values().map(|a| {
+                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+                    Box::new(a.alert_id.clone()),
+                    Box::new(a.campaign_id.clone()),
+                    Box::new(a.metric.clone()),
+                    Box::new(a.kind.clone()),
+                    Box::new(ts(a.window_start)),
+                    Box::new(ts(a.window_end)),
+                    Box::new(a.value),
+                    Box::new(a.baseline),
+                    Box::new(a.score),
+                    Box::new(a.impressions),
+                    Box::new(a.clicks),
+                    Box::new(ts(a.detected_at)),
+                ];
+                row
+            }),
+        )
+        .await?;
+        tx.execute(UPSERT_ALERTS, &[])
+            .await
+            .map_err(pg("upserting anomaly_alerts"))?;
+    }
+    for ((topic, partition), next) in &batch.positions {
+        tx.execute(
+            "INSERT INTO sink_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, topic, partition)
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+            &[&consumer, topic, partition, next],
+        )
+        .await
+        .map_err(pg("storing positions"))?;
+    }
+    tx.commit().await.map_err(pg("COMMIT"))?;
+    Ok(())
+}
+
+/// Runs the PostgreSQL loader until `stop` is set (then flushes and returns).
+pub async fn run(
+    opts: &PgOptions,
+    stop: &AtomicBool,
+    status: &SinkStatus,
+) -> Result<(), SinkError> {
+    let pool = pool(&opts.database_url)?;
+    {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| SinkError::Pool(e.to_string()))?;
+        let applied = migrate(&client).await?;
+        tracing::info!(?applied, "migrations");
+    }
+    let codec = Codec::new(&opts.registry_url)?;
+    let names = [
+        topics::AD_METRICS,
+        topics::CAMPAIGN_CTR,
+        topics::ANOMALY_ALERTS,
+    ]
+    .map(|t| format!("{}{t}", opts.topic_prefix));
+
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &opts.bootstrap)
+        .set("group.id", &opts.consumer)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100");
+    for (k, v) in &opts.overrides {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer = cc.create().map_err(kafka("creating the consumer"))?;
+
+    // Start every partition at its committed position in the database.
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| SinkError::Pool(e.to_string()))?;
+    let stored: HashMap<(String, i32), i64> = client
+        .query(
+            "SELECT topic, partition, next_offset FROM sink_offsets WHERE consumer = $1",
+            &[&opts.consumer],
+        )
+        .await
+        .map_err(pg("reading positions"))?
+        .iter()
+        .map(|r| {
+            (
+                (r.get::<_, String>(0), r.get::<_, i32>(1)),
+                r.get::<_, i64>(2),
+            )
+        })
+        .collect();
+    drop(client);
+    let mut tpl = TopicPartitionList::new();
+    for t in &names {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(15))
+            .map_err(kafka("fetching metadata"))?;
+        let topic = md
+            .topics()
+            .iter()
+            .find(|m| m.name() == t && m.error().is_none() && !m.partitions().is_empty())
+            .ok_or_else(|| SinkError::MissingTopic(t.clone()))?;
+        for p in topic.partitions() {
+            let offset = stored
+                .get(&(t.clone(), p.id()))
+                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            tpl.add_partition_offset(t, p.id(), offset)
+                .map_err(kafka("building the assignment"))?;
+        }
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(kafka("assigning partitions"))?;
+    tracing::info!(
+        partitions = tpl.count(),
+        resumed = stored.len(),
+        "loading into PostgreSQL"
+    );
+
+    let mut batch = Batch::default();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        let due = batch.started.is_some_and(|s| s.elapsed() >= opts.linger);
+        if stopping || due || batch.records >= opts.batch_size {
+            if batch.records > 0 {
+                flush(&pool, &opts.consumer, &batch).await?;
+                status
+                    .rows_loaded
+                    .fetch_add(batch.rows() as u64, Ordering::Relaxed);
+                status.batches.fetch_add(1, Ordering::Relaxed);
+                batch = Batch::default();
+            }
+            if stopping {
+                return Ok(());
+            }
+        }
+        let msg = match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
+            Err(_) => continue,
+            Ok(m) => m.map_err(kafka("consuming"))?,
+        };
+        let topic = msg.topic().to_owned();
+        batch
+            .positions
+            .insert((topic.clone(), msg.partition()), msg.offset() + 1);
+        batch.records += 1;
+        batch.started.get_or_insert_with(Instant::now);
+        let Some(value) = msg.payload() else {
+            status.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), "record without a value skipped");
+            continue;
+        };
+        let decoded = if topic == names[0] {
+            codec.decode::<AdMetric>(value).await.map(|m| {
+                let key = (
+                    m.window_start,
+                    m.campaign_id.clone(),
+                    m.ad_id.clone(),
+                    m.search_keyword.clone(),
+                    m.state.clone(),
+                    m.ip_range.clone(),
+                    m.device_type.clone(),
+                );
+                batch.metrics.insert(key, m);
+            })
+        } else if topic == names[1] {
+            codec.decode::<CampaignCtr>(value).await.map(|m| {
+                batch
+                    .campaigns
+                    .insert((m.window_start, m.campaign_id.clone()), m);
+            })
+        } else {
+            codec.decode::<AnomalyAlert>(value).await.map(|a| {
+                batch.alerts.insert(a.alert_id.clone(), a);
+            })
+        };
+        if let Err(e) = decoded {
+            if e.is_retryable() {
+                return Err(e.into());
+            }
+            status.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), error = %e, "undecodable result record skipped");
+        }
+    }
+}
