@@ -370,4 +370,21 @@ fn rows_equal_the_oracle_after_five_sigkills() {
         "after {kills} SIGKILLs: {} ad_metrics and {} campaign_ctr rows equal to the oracle's",
         want_metrics, want_campaigns
     );
+
+    // Every analyst query of sink/queries.sql runs against the loaded tables and returns rows.
+    let queries = include_str!("../queries.sql");
+    let mut ran = 0;
+    for block in queries.split("\n-- name: ").skip(1) {
+        let (name, sql) = block.split_once('\n').expect("a name line");
+        let rows = rt
+            .block_on(client.query(sql, &[]))
+            .unwrap_or_else(|e| panic!("query {name} failed: {e}"));
+        let may_be_empty = name.starts_with("alerts");
+        assert!(
+            may_be_empty || !rows.is_empty(),
+            "query {name} returned no rows"
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 5, "every query in queries.sql ran");
 }
