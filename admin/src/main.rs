@@ -63,12 +63,7 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    adstream_schemas::config::init_tracing();
     let args = Args::parse();
     let admin = admin_client(&args.bootstrap_servers, &args.rdkafka)?;
     match args.command {

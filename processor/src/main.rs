@@ -13,7 +13,7 @@ use adstream_processor::engine::anomaly::AnomalyConfig;
 use adstream_processor::engine::EngineConfig;
 use adstream_processor::metrics::{serve, Metrics};
 use adstream_processor::runtime::{run, ProcessorOptions, Status};
-use adstream_schemas::config::parse_key_value;
+use adstream_schemas::config::{init_tracing, KafkaArgs};
 
 fn ms(d: Duration) -> i64 {
     d.as_millis() as i64
@@ -24,26 +24,8 @@ fn ms(d: Duration) -> i64 {
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap_servers: String,
-    /// Confluent-compatible schema registry URL.
-    #[arg(
-        long,
-        env = "SCHEMA_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    schema_registry_url: String,
-    /// librdkafka setting for both consumer and producer (repeatable), e.g. -X security.protocol=SSL.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    rdkafka: Vec<(String, String)>,
-    /// Prefix for every topic name (for isolated runs).
-    #[arg(long, env = "ADSTREAM_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Consumer group of the processor instances.
     #[arg(
         long,
@@ -107,19 +89,14 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
     let args = Args::parse();
     let defaults = AnomalyConfig::default();
     let opts = ProcessorOptions {
-        bootstrap: args.bootstrap_servers,
-        registry_url: args.schema_registry_url,
-        overrides: args.rdkafka,
-        topic_prefix: args.topic_prefix,
+        bootstrap: args.kafka.bootstrap_servers,
+        registry_url: args.kafka.schema_registry_url,
+        overrides: args.kafka.rdkafka,
+        topic_prefix: args.kafka.topic_prefix,
         group_id: args.group_id,
         engine: EngineConfig {
             max_out_of_orderness: ms(args.max_out_of_orderness),

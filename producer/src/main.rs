@@ -10,7 +10,7 @@ use clap::Parser;
 
 use adstream_producer::generator::GeneratorConfig;
 use adstream_producer::{parse_time_ms, run, scenario, RunOptions, Target};
-use adstream_schemas::config::parse_key_value;
+use adstream_schemas::config::{init_tracing, KafkaArgs};
 
 // The generator allocates a handful of short strings per event; mimalloc
 // roughly halves what glibc malloc costs for that pattern.
@@ -23,26 +23,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap_servers: String,
-    /// Confluent-compatible schema registry URL.
-    #[arg(
-        long,
-        env = "SCHEMA_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    schema_registry_url: String,
-    /// librdkafka setting passed through as is (repeatable), e.g. -X security.protocol=SASL_SSL.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    rdkafka: Vec<(String, String)>,
-    /// Prefix for every topic name (for isolated test runs).
-    #[arg(long, env = "ADSTREAM_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
 
     /// Stop after this many records (all topics, duplicates and invalid ones included).
     #[arg(long)]
@@ -133,12 +115,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
     let args = Args::parse();
     if args.events.is_none() && args.duration.is_none() {
         anyhow::bail!("give --events N or --duration D: the producer is bounded");
@@ -180,10 +157,10 @@ fn main() -> anyhow::Result<()> {
         }
     } else {
         Target::Kafka {
-            bootstrap: args.bootstrap_servers.clone(),
-            registry_url: args.schema_registry_url.clone(),
-            overrides: args.rdkafka.clone(),
-            topic_prefix: args.topic_prefix.clone(),
+            bootstrap: args.kafka.bootstrap_servers.clone(),
+            registry_url: args.kafka.schema_registry_url.clone(),
+            overrides: args.kafka.rdkafka.clone(),
+            topic_prefix: args.kafka.topic_prefix.clone(),
         }
     };
 

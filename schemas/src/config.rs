@@ -1,5 +1,41 @@
 //! Command-line helpers shared by every adstream binary.
 
+/// The Kafka and schema-registry settings every binary takes, with the
+/// environment fallbacks of the README.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub bootstrap_servers: String,
+    /// Confluent-compatible schema registry URL.
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub schema_registry_url: String,
+    /// librdkafka setting passed through as is (repeatable), e.g. -X security.protocol=SASL_SSL.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub rdkafka: Vec<(String, String)>,
+    /// Prefix for every topic name (for isolated runs).
+    #[arg(long, env = "ADSTREAM_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Parses one `-X key=value` librdkafka passthrough setting.
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     let (k, v) = s

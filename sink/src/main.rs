@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use adstream_schemas::config::parse_key_value;
+use adstream_schemas::config::{init_tracing, KafkaArgs};
 use adstream_sink::migrations::migrate;
 use adstream_sink::postgres::{pool, run, PgOptions, SinkStatus};
 
@@ -34,26 +34,8 @@ struct Db {
 struct Load {
     #[command(flatten)]
     db: Db,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap_servers: String,
-    /// Confluent-compatible schema registry URL.
-    #[arg(
-        long,
-        env = "SCHEMA_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    schema_registry_url: String,
-    /// librdkafka setting passed through as is (repeatable).
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value)]
-    rdkafka: Vec<(String, String)>,
-    /// Prefix for every topic name (for isolated runs).
-    #[arg(long, env = "ADSTREAM_TOPIC_PREFIX", default_value = "")]
-    topic_prefix: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Records per transaction, at most.
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
@@ -78,12 +60,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -110,10 +87,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Postgres(load) | Command::All(load) => {
             let opts = PgOptions {
-                bootstrap: load.bootstrap_servers,
-                registry_url: load.schema_registry_url,
-                overrides: load.rdkafka,
-                topic_prefix: load.topic_prefix,
+                bootstrap: load.kafka.bootstrap_servers,
+                registry_url: load.kafka.schema_registry_url,
+                overrides: load.kafka.rdkafka,
+                topic_prefix: load.kafka.topic_prefix,
                 database_url: load.db.database_url,
                 batch_size: load.batch_size.max(1),
                 linger: load.linger,
