@@ -21,7 +21,8 @@ use futures_util::pin_mut;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
@@ -321,6 +322,48 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
     Ok(())
 }
 
+/// Sends an undecodable result record to the dead-letter topic with its
+/// provenance and reason, and waits for the broker's acknowledgement (before
+/// the batch that covers its offset can commit).
+async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    msg: &BorrowedMessage<'_>,
+    reason: &str,
+) -> Result<(), SinkError> {
+    let partition = msg.partition().to_string();
+    let offset = msg.offset().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: topics::headers::SOURCE_TOPIC,
+            value: Some(msg.topic()),
+        })
+        .insert(Header {
+            key: topics::headers::SOURCE_PARTITION,
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: topics::headers::SOURCE_OFFSET,
+            value: Some(&offset),
+        })
+        .insert(Header {
+            key: topics::headers::REASON,
+            value: Some(reason),
+        });
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(k) = msg.key() {
+        record = record.key(k);
+    }
+    if let Some(v) = msg.payload() {
+        record = record.payload(v);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| kafka("writing to the dead-letter topic")(e))
+}
+
 /// Runs the PostgreSQL loader until `stop` is set (then flushes and returns).
 pub async fn run(
     opts: &PgOptions,
@@ -355,6 +398,15 @@ pub async fn run(
         cc.set(k, v);
     }
     let consumer: StreamConsumer = cc.create().map_err(kafka("creating the consumer"))?;
+    let mut pc = ClientConfig::new();
+    pc.set("bootstrap.servers", &opts.bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    for (k, v) in &opts.overrides {
+        pc.set(k, v);
+    }
+    let producer: FutureProducer = pc.create().map_err(kafka("creating the producer"))?;
+    let dead_letter_topic = format!("{}{}", opts.topic_prefix, topics::DEAD_LETTER);
 
     // Start every partition at its committed position in the database.
     let client = pool
@@ -474,7 +526,14 @@ pub async fn run(
         batch.started.get_or_insert_with(Instant::now);
         let Some(value) = msg.payload() else {
             status.undecodable.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), "record without a value skipped");
+            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), "record without a value sent to the dead-letter topic");
+            dead_letter(
+                &producer,
+                &dead_letter_topic,
+                &msg,
+                "invalid: record has no value",
+            )
+            .await?;
             continue;
         };
         let decoded = if topic == names[0] {
@@ -506,7 +565,9 @@ pub async fn run(
                 return Err(e.into());
             }
             status.undecodable.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), error = %e, "undecodable result record skipped");
+            tracing::error!(%topic, partition = msg.partition(), offset = msg.offset(), error = %e, "undecodable result record sent to the dead-letter topic");
+            let reason = format!("undecodable: {}: {e}", e.reason_code());
+            dead_letter(&producer, &dead_letter_topic, &msg, &reason).await?;
         }
     }
 }

@@ -388,3 +388,125 @@ fn rows_equal_the_oracle_after_five_sigkills() {
     }
     assert_eq!(ran, 5, "every query in queries.sql ran");
 }
+
+#[test]
+fn undecodable_result_records_go_to_the_dead_letter_topic_and_loading_goes_on() {
+    use adstream_schemas::Codec;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let stack = Stack::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let prefix = unique_prefix("sinkdlq");
+    rt.block_on(stack.create_topics(&prefix, 1));
+    let db_url = rt.block_on(fresh_database(&prefix));
+    let topic = format!("{prefix}ad-metrics");
+    let codec = Codec::new(&stack.registry_url).expect("codec");
+    let row = AdMetric {
+        window_start: 60_000,
+        window_end: 120_000,
+        campaign_id: "c".into(),
+        ad_id: "a".into(),
+        search_keyword: "k".into(),
+        state: "US-CA".into(),
+        ip_range: "10.0.0.0/24".into(),
+        device_type: "mobile".into(),
+        impressions: 3,
+        clicks: 1,
+        conversions: 0,
+        cost_micros: 30,
+        revenue_micros: 0,
+        ctr: Some(1.0 / 3.0),
+        conversion_rate: Some(0.0),
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.bootstrap)
+        .create()
+        .expect("producer");
+    rt.block_on(async {
+        let good = codec.encode(&topic, &row).await.expect("encode");
+        for value in [b"{\"oops\": true}".to_vec(), good] {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("c").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("sent");
+        }
+    });
+    let opts = adstream_sink::postgres::PgOptions {
+        bootstrap: stack.bootstrap.clone(),
+        registry_url: stack.registry_url.clone(),
+        overrides: Vec::new(),
+        topic_prefix: prefix.clone(),
+        database_url: db_url.clone(),
+        batch_size: 100,
+        linger: Duration::from_millis(100),
+        consumer: "dlq-test".into(),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
+    let handle = {
+        let (stop, status) = (stop.clone(), status.clone());
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(adstream_sink::postgres::run(&opts, &stop, &status))
+        })
+    };
+    let client = rt.block_on(connect(&db_url));
+    let t0 = Instant::now();
+    loop {
+        let n: i64 = rt
+            .block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the valid row after the bad one was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    handle.join().expect("thread").expect("sink run");
+    assert_eq!(
+        status
+            .undecodable
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let dlq = adstream_testkit::read_all(
+        &stack.bootstrap,
+        &[format!("{prefix}ad-dead-letter")],
+        Some(1),
+        Duration::from_secs(10),
+    );
+    assert_eq!(dlq.len(), 1, "one dead letter");
+    let header = |k: &str| {
+        dlq[0]
+            .headers
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("source_topic"), topic);
+    assert_eq!(header("source_offset"), "0");
+    assert!(
+        header("reason").contains("wrong-magic-byte"),
+        "{}",
+        header("reason")
+    );
+    assert_eq!(dlq[0].value.as_deref(), Some(&b"{\"oops\": true}"[..]));
+}
