@@ -32,7 +32,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use adstream_schemas::codec::{split_frame, CodecError};
 use adstream_schemas::topics::{self, headers};
-use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, Conversion, Impression};
+use adstream_schemas::{
+    AdMetric, AnomalyAlert, AvroRecord, CampaignCtr, Click, Codec, Conversion, Impression,
+};
 
 use crate::engine::watermark::InputPartition;
 use crate::engine::{Engine, EngineConfig, EngineStats, Output, SideKind, SourceRef};
@@ -299,6 +301,45 @@ pub fn run(
     result.and(last)
 }
 
+/// Enqueues one record, waiting while librdkafka's queue is full.
+fn send(
+    producer: &ThreadedProducer<Acks>,
+    record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), RuntimeError> {
+    let mut record = record;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(kafka("producing an output")(e)),
+        }
+    }
+}
+
+/// Encodes a result record with its registered schema id and sends it keyed
+/// by campaign, stamped with its window start.
+fn send_result<T: AvroRecord>(
+    producer: &ThreadedProducer<Acks>,
+    buf: &mut Vec<u8>,
+    topic: &str,
+    schema_id: u32,
+    campaign_id: &str,
+    window_start: i64,
+    value: &T,
+) -> Result<(), RuntimeError> {
+    Codec::encode_with_id(schema_id, value, buf)?;
+    send(
+        producer,
+        BaseRecord::to(topic)
+            .key(campaign_id.as_bytes())
+            .payload(&buf[..])
+            .timestamp(window_start),
+    )
+}
+
 fn check_co_partitioned(
     consumer: &BaseConsumer<GroupContext>,
     inputs: &[String; 3],
@@ -315,14 +356,11 @@ fn check_co_partitioned(
             .map(|m| m.partitions().len())
             .filter(|n| *n > 0)
             .ok_or_else(|| RuntimeError::MissingTopic(t.clone()))?;
-        counts.push(format!("{t}={n}"));
+        counts.push((t, n));
     }
-    let first = counts[0].rsplit('=').next().map(str::to_owned);
-    if counts
-        .iter()
-        .any(|c| c.rsplit('=').next().map(str::to_owned) != first)
-    {
-        return Err(RuntimeError::NotCoPartitioned(counts.join(", ")));
+    if counts.iter().any(|(_, n)| *n != counts[0].1) {
+        let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
+        return Err(RuntimeError::NotCoPartitioned(listed.join(", ")));
     }
     Ok(())
 }
@@ -564,20 +602,6 @@ impl Shell<'_> {
         }
     }
 
-    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), RuntimeError> {
-        let mut record = record;
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(kafka("producing an output")(e)),
-            }
-        }
-    }
-
     fn produce_outputs(&mut self) -> Result<(), RuntimeError> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -585,33 +609,35 @@ impl Shell<'_> {
             .unwrap_or(0);
         for out in self.engine.take_outputs() {
             match out {
-                Output::AdMetric(row) => {
-                    Codec::encode_with_id(self.ids.ad_metric, &row, &mut self.buf)?;
-                    self.send(
-                        BaseRecord::to(&self.topics.ad_metrics)
-                            .key(row.campaign_id.as_bytes())
-                            .payload(&self.buf[..])
-                            .timestamp(row.window_start),
-                    )?;
-                }
-                Output::CampaignCtr(row) => {
-                    Codec::encode_with_id(self.ids.campaign_ctr, &row, &mut self.buf)?;
-                    self.send(
-                        BaseRecord::to(&self.topics.campaign_ctr)
-                            .key(row.campaign_id.as_bytes())
-                            .payload(&self.buf[..])
-                            .timestamp(row.window_start),
-                    )?;
-                }
+                Output::AdMetric(row) => send_result(
+                    &self.producer,
+                    &mut self.buf,
+                    &self.topics.ad_metrics,
+                    self.ids.ad_metric,
+                    &row.campaign_id,
+                    row.window_start,
+                    &row,
+                )?,
+                Output::CampaignCtr(row) => send_result(
+                    &self.producer,
+                    &mut self.buf,
+                    &self.topics.campaign_ctr,
+                    self.ids.campaign_ctr,
+                    &row.campaign_id,
+                    row.window_start,
+                    &row,
+                )?,
                 Output::Alert(mut alert) => {
                     alert.detected_at = now_ms;
-                    Codec::encode_with_id(self.ids.alert, &alert, &mut self.buf)?;
-                    self.send(
-                        BaseRecord::to(&self.topics.alerts)
-                            .key(alert.campaign_id.as_bytes())
-                            .payload(&self.buf[..])
-                            .timestamp(alert.window_start),
-                    )?;
+                    send_result(
+                        &self.producer,
+                        &mut self.buf,
+                        &self.topics.alerts,
+                        self.ids.alert,
+                        &alert.campaign_id,
+                        alert.window_start,
+                        &alert,
+                    )?
                 }
                 Output::Side { kind, raw, reason } => {
                     let topic = match kind {
@@ -649,7 +675,7 @@ impl Shell<'_> {
                     if let Some(ts) = raw.timestamp {
                         rec = rec.timestamp(ts);
                     }
-                    self.send(rec)?;
+                    send(&self.producer, rec)?;
                 }
             }
         }

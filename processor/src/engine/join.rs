@@ -73,6 +73,25 @@ struct PendingConversion {
     raw: RawRecord,
 }
 
+/// Removes the buckets whose last possible member has expired
+/// (`last_t + horizon < wm`) and returns their ids.
+fn pop_expired(
+    buckets: &mut BTreeMap<i64, Vec<IdKey>>,
+    wm: i64,
+    bucket_width: i64,
+    horizon: i64,
+) -> Vec<IdKey> {
+    let mut out = Vec::new();
+    while let Some(e) = buckets.first_entry() {
+        let last_t = *e.key() + bucket_width - 1;
+        if last_t.saturating_add(horizon) >= wm {
+            break;
+        }
+        out.extend(e.remove());
+    }
+    out
+}
+
 /// Ids with an expiry, bucketed by event time.
 #[derive(Debug, Default)]
 struct ExpiringIds {
@@ -87,16 +106,9 @@ impl ExpiringIds {
         }
     }
 
-    /// Drops buckets whose last possible member expired (`last_t + horizon < wm`).
     fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64) {
-        while let Some(e) = self.buckets.first_entry() {
-            let last_t = *e.key() + bucket_width - 1;
-            if last_t.saturating_add(horizon) >= wm {
-                break;
-            }
-            for id in e.remove() {
-                self.ids.remove(&id);
-            }
+        for id in pop_expired(&mut self.buckets, wm, bucket_width, horizon) {
+            self.ids.remove(&id);
         }
     }
 }
@@ -115,14 +127,8 @@ impl HeldById {
     }
 
     fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64) {
-        while let Some(e) = self.buckets.first_entry() {
-            let last_t = *e.key() + bucket_width - 1;
-            if last_t.saturating_add(horizon) >= wm {
-                break;
-            }
-            for id in e.remove() {
-                self.map.remove(&id);
-            }
+        for id in pop_expired(&mut self.buckets, wm, bucket_width, horizon) {
+            self.map.remove(&id);
         }
     }
 }
