@@ -41,14 +41,18 @@ demo: build stack-up
 	echo "== processor (stops once every partition is caught up and idle)"; \
 	./target/release/adstream-processor --group-id "$${prefix}processor" --idle-timeout 3s \
 	  --stop-when-idle --metrics-addr "" -X session.timeout.ms=6000 2>&1 | grep -E "started|stopping|stopped|ERROR|WARN" || true; \
-	echo "== sink: loading results into PostgreSQL ($$DATABASE_URL)"; \
-	./target/release/adstream-sink postgres --consumer "$${prefix}sink" 2>/dev/null & sink=$$!; \
+	store="$$OBJECT_STORE_URL/$${prefix%.}"; \
+	echo "== sink: loading results into PostgreSQL ($$DATABASE_URL) and every topic into $$store"; \
+	./target/release/adstream-sink all --consumer "$${prefix}sink" --group "$${prefix}s3" \
+	  --store-url "$$store" --max-open 2s 2>/dev/null & sink=$$!; \
 	last=-1; for i in $$(seq 1 120); do sleep 1; \
 	  n=$$(psql "$$DATABASE_URL" -tAc "SELECT coalesce(sum(next_offset),0) FROM sink_offsets WHERE consumer = '$${prefix}sink'" 2>/dev/null || echo 0); \
 	  if [ "$$n" = "$$last" ] && [ "$$n" != "0" ]; then break; fi; last=$$n; done; \
 	kill -TERM $$sink; wait $$sink || true; \
 	echo "== top campaigns by CTR in the last hour of traffic (PostgreSQL, sink/queries.sql)"; \
 	psql "$$DATABASE_URL" -c "$$(awk '/^-- name: top_campaigns_by_ctr_last_hour/{f=1;next} /^-- name:/{f=0} f' sink/queries.sql)"; \
+	echo "== objects written to storage ($$store)"; \
+	./target/release/adstream-sink ls --store-url "$$store" | awk '{ if (NR <= 12) print; n = $$0 } END { print "   ..."; print n }'; \
 	echo "== alerts (PostgreSQL)"; \
 	psql "$$DATABASE_URL" -c "SELECT alert_id, round(value::numeric,4) AS value, round(baseline::numeric,4) AS baseline, round(score::numeric,1) AS score FROM anomaly_alerts ORDER BY time"; \
 	echo "== a few campaign-ctr rollups"; ./target/release/adstream-admin peek --topic campaign-ctr --count 5; \

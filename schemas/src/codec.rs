@@ -111,6 +111,8 @@ pub fn split_frame(payload: &[u8]) -> Result<(u32, &[u8]), CodecError> {
 struct WriterSchema {
     full_name: String,
     schema: serde_avro_fast::Schema,
+    /// The schema as the registry gave it (for object container file headers).
+    json: Arc<str>,
 }
 
 /// Full name (`namespace.name`) of a record schema given as JSON text.
@@ -293,6 +295,11 @@ impl Codec {
         }
     }
 
+    /// The text of writer schema `id`, if it is cached.
+    pub fn schema_json(&self, id: u32) -> Option<Arc<str>> {
+        self.read_caches().by_id.get(&id).map(|w| w.json.clone())
+    }
+
     /// Whether schema `id` is cached (decoding it needs no registry call).
     pub fn knows(&self, id: u32) -> bool {
         self.read_caches().by_id.contains_key(&id)
@@ -382,7 +389,11 @@ fn parse_writer(id: u32, schema_json: &str) -> Result<WriterSchema, CodecError> 
             id,
             reason: e.to_string(),
         })?;
-    Ok(WriterSchema { full_name, schema })
+    Ok(WriterSchema {
+        full_name,
+        schema,
+        json: Arc::from(schema_json),
+    })
 }
 
 fn decode_body<T: AvroRecord>(

@@ -6,7 +6,15 @@
 //! - [`postgres`]: the loader from the result topics into PostgreSQL, with
 //!   positions stored in the same transaction as the rows.
 //!
-//! The object-storage loader is not built yet.
+//! - [`objects`]: the loader from the input and result topics into object
+//!   storage (Avro object container files, Hive layout), with Kafka offsets
+//!   committed after the objects are written.
+//! - [`ocf`]: Avro object container files assembled from encoded datums.
+//! - [`resume`]: resuming at stored positions on brokers that cannot fetch
+//!   from inside a record batch.
 
 pub mod migrations;
+pub mod objects;
+pub mod ocf;
 pub mod postgres;
+pub mod resume;

@@ -1,17 +1,22 @@
-//! `adstream-sink`: loads adstream's results into PostgreSQL/TimescaleDB.
+//! `adstream-sink`: loads adstream's topics into PostgreSQL/TimescaleDB and object storage.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 use adstream_schemas::config::{init_tracing, KafkaArgs};
 use adstream_sink::migrations::migrate;
-use adstream_sink::postgres::{pool, run, PgOptions, SinkStatus};
+use adstream_sink::objects::{self, ObjectOptions, ObjectStatus};
+use adstream_sink::ocf::Compression;
+use adstream_sink::postgres::{self, pool, PgOptions, SinkStatus};
 
-/// Load adstream's result topics into PostgreSQL (TimescaleDB when present).
+/// Load adstream's result topics into PostgreSQL (TimescaleDB when present)
+/// and its input and result topics into object storage.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -31,11 +36,9 @@ struct Db {
 }
 
 #[derive(ClapArgs, Debug)]
-struct Load {
+struct PgLoad {
     #[command(flatten)]
     db: Db,
-    #[command(flatten)]
-    kafka: KafkaArgs,
     /// Records per transaction, at most.
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
@@ -47,16 +50,117 @@ struct Load {
     consumer: String,
 }
 
+#[derive(ClapArgs, Debug)]
+struct S3Load {
+    /// Where objects go: s3://bucket/path (endpoint, credentials and region
+    /// from the AWS_* variables, e.g. AWS_ENDPOINT_URL, AWS_ALLOW_HTTP=true),
+    /// file:///dir or memory://.
+    #[arg(long, env = "OBJECT_STORE_URL")]
+    store_url: String,
+    /// Consumer group whose committed offsets mark what is stored.
+    #[arg(long, default_value = "adstream-sink-s3")]
+    group: String,
+    /// A partition's segment ends after this many records.
+    #[arg(long, default_value_t = 100_000)]
+    max_records: u64,
+    /// ... or after this many bytes of records.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    max_bytes: u64,
+    /// ... or when it has been open this long (wall clock), so quiet
+    /// partitions reach storage too.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    max_open: Duration,
+    /// Block compression of the Avro files.
+    #[arg(long, value_enum, default_value_t = Compression::Deflate)]
+    compression: Compression,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Apply the embedded schema migrations and exit.
     Migrate(Db),
     /// Load the result topics into PostgreSQL.
-    Postgres(Load),
-    /// Load topics into object storage (not built yet).
-    S3,
-    /// Run every loader that exists (today: PostgreSQL).
-    All(Load),
+    Postgres {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        pg: PgLoad,
+    },
+    /// Load the input and result topics into object storage (Avro files, Hive layout).
+    S3 {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        s3: S3Load,
+    },
+    /// List the objects under a store URL (path, size), with totals.
+    Ls {
+        /// s3://bucket/path, file:///dir (AWS_* variables as for `s3`).
+        #[arg(long, env = "OBJECT_STORE_URL")]
+        store_url: String,
+    },
+    /// Run both loaders in one process (each keeps its own positions).
+    All {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        pg: PgLoad,
+        #[command(flatten)]
+        s3: S3Load,
+    },
+}
+
+fn pg_options(kafka: &KafkaArgs, pg: PgLoad) -> PgOptions {
+    PgOptions {
+        bootstrap: kafka.bootstrap_servers.clone(),
+        registry_url: kafka.schema_registry_url.clone(),
+        overrides: kafka.rdkafka.clone(),
+        topic_prefix: kafka.topic_prefix.clone(),
+        database_url: pg.db.database_url,
+        batch_size: pg.batch_size.max(1),
+        linger: pg.linger,
+        consumer: pg.consumer,
+    }
+}
+
+fn s3_options(kafka: &KafkaArgs, s3: S3Load) -> ObjectOptions {
+    ObjectOptions {
+        bootstrap: kafka.bootstrap_servers.clone(),
+        registry_url: kafka.schema_registry_url.clone(),
+        overrides: kafka.rdkafka.clone(),
+        topic_prefix: kafka.topic_prefix.clone(),
+        store_url: s3.store_url,
+        consumer: s3.group,
+        max_records: s3.max_records.max(1),
+        max_bytes: s3.max_bytes.max(1),
+        max_open: s3.max_open,
+        compression: s3.compression,
+    }
+}
+
+async fn run_pg(opts: PgOptions, stop: &AtomicBool) -> anyhow::Result<()> {
+    let status = SinkStatus::default();
+    postgres::run(&opts, stop, &status)
+        .await
+        .context("PostgreSQL loader stopped with an error")?;
+    tracing::info!(
+        rows = status.rows_loaded.load(Ordering::Relaxed),
+        "PostgreSQL loader stopped cleanly"
+    );
+    Ok(())
+}
+
+async fn run_s3(opts: ObjectOptions, stop: &AtomicBool) -> anyhow::Result<()> {
+    let status = ObjectStatus::default();
+    objects::run(&opts, stop, &status)
+        .await
+        .context("object-storage loader stopped with an error")?;
+    tracing::info!(
+        records = status.records.load(Ordering::Relaxed),
+        objects = status.objects.load(Ordering::Relaxed),
+        "object-storage loader stopped cleanly"
+    );
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,30 +186,44 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }),
-        Command::S3 => {
-            bail!("the object-storage loader is not built yet; use `adstream-sink postgres`")
-        }
-        Command::Postgres(load) | Command::All(load) => {
-            let opts = PgOptions {
-                bootstrap: load.kafka.bootstrap_servers,
-                registry_url: load.kafka.schema_registry_url,
-                overrides: load.kafka.rdkafka,
-                topic_prefix: load.kafka.topic_prefix,
-                database_url: load.db.database_url,
-                batch_size: load.batch_size.max(1),
-                linger: load.linger,
-                consumer: load.consumer,
-            };
-            let status = SinkStatus::default();
-            rt.block_on(run(&opts, &stop, &status))
-                .context("sink stopped with an error")?;
-            tracing::info!(
-                rows = status
-                    .rows_loaded
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                "stopped cleanly"
-            );
+        Command::Postgres { kafka, pg } => rt.block_on(run_pg(pg_options(&kafka, pg), &stop)),
+        Command::Ls { store_url } => rt.block_on(async {
+            use futures_util::TryStreamExt as _;
+            let (store, root) = objects::open_store(&store_url)?;
+            let mut listed: Vec<object_store::ObjectMeta> = store
+                .list(Some(&root))
+                .try_collect()
+                .await
+                .with_context(|| format!("listing {store_url}"))?;
+            listed.sort_by(|a, b| a.location.cmp(&b.location));
+            let bytes: u64 = listed.iter().map(|m| m.size).sum();
+            for m in &listed {
+                println!("{:>12}  {}", m.size, m.location);
+            }
+            println!("{} objects, {bytes} bytes", listed.len());
             Ok(())
+        }),
+        Command::S3 { kafka, s3 } => rt.block_on(run_s3(s3_options(&kafka, s3), &stop)),
+        Command::All { kafka, pg, s3 } => {
+            let (pg, s3) = (pg_options(&kafka, pg), s3_options(&kafka, s3));
+            rt.block_on(async {
+                // One loader failing stops the other too, so the process exits
+                // and its supervisor restarts both from their positions.
+                let stop_both = || stop.store(true, Ordering::Relaxed);
+                let (a, b) = tokio::join!(
+                    async {
+                        let r = run_pg(pg, &stop).await;
+                        stop_both();
+                        r
+                    },
+                    async {
+                        let r = run_s3(s3, &stop).await;
+                        stop_both();
+                        r
+                    }
+                );
+                a.and(b)
+            })
         }
     }
 }

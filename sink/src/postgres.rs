@@ -32,6 +32,7 @@ use adstream_schemas::topics;
 use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 
 use crate::migrations::{migrate, MigrationError};
+use crate::resume::ResumeGuard;
 
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -456,43 +457,13 @@ pub async fn run(
         "loading into PostgreSQL"
     );
 
-    // Some brokers (tansu, measured) return nothing for a fetch that starts
-    // inside a record batch, where Apache Kafka returns the whole batch. A
-    // resumed partition that stays silent while it has data past its stored
-    // position is re-read from its start, skipping what was already loaded.
-    let mut waiting: HashMap<(String, i32), (i64, Instant)> = stored
-        .iter()
-        .filter(|(_, o)| **o > 0)
-        .map(|(k, o)| (k.clone(), (*o, Instant::now())))
-        .collect();
-    let mut skip_below: HashMap<(String, i32), i64> = HashMap::new();
+    let mut resume = ResumeGuard::new(stored);
 
     let mut batch = Batch::default();
     loop {
-        if !waiting.is_empty() {
-            let stalled: Vec<(String, i32)> = waiting
-                .iter()
-                .filter(|(_, (_, since))| since.elapsed() >= Duration::from_secs(3))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in stalled {
-                let Some((from, _)) = waiting.remove(&key) else {
-                    continue;
-                };
-                let high = consumer
-                    .fetch_watermarks(&key.0, key.1, Duration::from_secs(5))
-                    .map(|(_, h)| h)
-                    .unwrap_or(-1);
-                if high > from {
-                    tracing::warn!(topic = %key.0, partition = key.1, from,
-                        "no data from the stored position; re-reading the partition and skipping loaded records");
-                    consumer
-                        .seek(&key.0, key.1, Offset::Beginning, Duration::from_secs(10))
-                        .map_err(kafka("seeking to the partition start"))?;
-                    skip_below.insert(key, from);
-                }
-            }
-        }
+        resume
+            .check(&consumer)
+            .map_err(kafka("seeking to the partition start"))?;
         let stopping = stop.load(Ordering::Relaxed);
         let due = batch.started.is_some_and(|s| s.elapsed() >= opts.linger);
         if stopping || due || batch.records >= opts.batch_size {
@@ -514,11 +485,7 @@ pub async fn run(
         };
         let topic = msg.topic().to_owned();
         let key = (topic.clone(), msg.partition());
-        waiting.remove(&key);
-        if skip_below
-            .get(&key)
-            .is_some_and(|below| msg.offset() < *below)
-        {
+        if !resume.admit(&key, msg.offset()) {
             continue;
         }
         batch.positions.insert(key, msg.offset() + 1);

@@ -66,6 +66,8 @@ pub struct Consumed {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The Kafka record timestamp (ms), when it has one.
+    pub timestamp: Option<i64>,
 }
 
 /// Reads every record of `topics` from the beginning with `read_committed`,
@@ -127,6 +129,7 @@ pub fn read_all(
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec),
                     headers,
+                    timestamp: m.timestamp().to_millis(),
                 });
             }
             Some(Err(e)) => panic!("consume error: {e}"),

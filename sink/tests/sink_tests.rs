@@ -1,10 +1,14 @@
-//! The PostgreSQL loader on the local stack.
+//! The sink's loaders on the local stack (Kafka, registry, PostgreSQL, moto S3).
 //!
 //! - Migrations applied twice leave the schema unchanged.
-//! - producer → processor → sink: the rows in PostgreSQL equal the oracle's
-//!   exactly, after the sink was killed with SIGKILL at 5 random moments
-//!   during loading and restarted each time.
+//! - producer → processor → sink (`all`: PostgreSQL and object storage),
+//!   killed with SIGKILL at 5 random moments during loading and restarted
+//!   each time: the rows in PostgreSQL equal the oracle's exactly, and the
+//!   objects in storage hold every input and result record exactly once by
+//!   (topic, partition, offset), equal to what Kafka holds, and nothing else.
+//! - Undecodable result records go to the dead-letter topic.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,7 @@ use adstream_producer::generator::GeneratorConfig;
 use adstream_producer::{run as run_producer, RunOptions, Target};
 use adstream_schemas::{AdMetric, CampaignCtr};
 use adstream_sink::migrations::migrate;
-use adstream_testkit::{unique_prefix, Stack};
+use adstream_testkit::{read_all, unique_prefix, Consumed, Stack};
 use tokio_postgres::{Client, NoTls};
 
 fn database_url() -> String {
@@ -145,8 +149,219 @@ fn ms(t: std::time::SystemTime) -> i64 {
     }
 }
 
+fn object_store_url(prefix: &str) -> String {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| {
+        panic!("AWS_ENDPOINT_URL is not set: start the local stack (`scripts/stack.sh up`) or run `make test`")
+    });
+    assert!(!endpoint.is_empty());
+    format!("s3://adstream/{}", prefix.trim_end_matches('.'))
+}
+
+/// Hive folder `dt=…/hour=…` of a time in ms.
+fn hive(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .expect("time in range")
+        .format("dt=%Y-%m-%d/hour=%H")
+        .to_string()
+}
+
+fn field<'a>(v: &'a apache_avro::types::Value, name: &str) -> &'a apache_avro::types::Value {
+    match v {
+        apache_avro::types::Value::Record(fields) => {
+            &fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("field {name}"))
+                .1
+        }
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
+fn long(v: &apache_avro::types::Value) -> i64 {
+    match v {
+        apache_avro::types::Value::Long(x) | apache_avro::types::Value::TimestampMillis(x) => *x,
+        apache_avro::types::Value::Int(x) => i64::from(*x),
+        apache_avro::types::Value::Union(_, inner) => long(inner),
+        other => panic!("not a long: {other:?}"),
+    }
+}
+
+fn bytes_of(v: &apache_avro::types::Value) -> Option<Vec<u8>> {
+    match v {
+        apache_avro::types::Value::Bytes(b) => Some(b.clone()),
+        apache_avro::types::Value::Null => None,
+        apache_avro::types::Value::Union(_, inner) => bytes_of(inner),
+        other => panic!("not bytes: {other:?}"),
+    }
+}
+
+/// Reads every object under the store URL with apache-avro and checks it
+/// against `kafka` (every record of the six topics, keyed by contract topic
+/// name): each (topic, partition, offset) exactly once, in a folder of its
+/// area and hour, equal to the Kafka record. Returns (objects, records).
+fn check_storage(
+    rt: &tokio::runtime::Runtime,
+    store_url: &str,
+    kafka: &HashMap<(String, i32, i64), Consumed>,
+) -> (usize, usize) {
+    use futures_util::TryStreamExt as _;
+    use object_store::ObjectStoreExt as _;
+    let (store, root) = adstream_sink::objects::open_store(store_url).expect("store");
+    let listed: Vec<object_store::ObjectMeta> = rt
+        .block_on(store.list(Some(&root)).try_collect())
+        .expect("list objects");
+    let root_text = format!("{root}/");
+    let mut seen: HashSet<(String, i32, i64)> = HashSet::new();
+    let mut objects = 0;
+    for meta in listed {
+        let location = meta.location.to_string();
+        let rel = location.strip_prefix(&root_text).expect("under the root");
+        if rel.starts_with("_sink/") {
+            continue;
+        }
+        let parts: Vec<&str> = rel.split('/').collect();
+        assert_eq!(parts.len(), 5, "{rel}: area/topic/dt=/hour=/name");
+        let (area, topic, folder) = (parts[0], parts[1], format!("{}/{}", parts[2], parts[3]));
+        let bytes = rt
+            .block_on(async { store.get(&meta.location).await?.bytes().await })
+            .expect("read object");
+        let reader = apache_avro::Reader::new(&bytes[..]).expect("an Avro object container file");
+        let meta_of = |k: &str| -> Vec<u8> {
+            reader
+                .user_metadata()
+                .get(k)
+                .unwrap_or_else(|| panic!("{rel}: metadata {k}"))
+                .clone()
+        };
+        assert_eq!(meta_of("adstream.topic"), topic.as_bytes(), "{rel}");
+        let partition: i32 = String::from_utf8(meta_of("adstream.partition"))
+            .expect("utf8")
+            .parse()
+            .expect("partition");
+        let first: i64 = String::from_utf8(meta_of("adstream.first_offset"))
+            .expect("utf8")
+            .parse()
+            .expect("first offset");
+        let offsets = adstream_sink::ocf::decode_offsets(first, &meta_of("adstream.offsets"))
+            .expect("offsets decode");
+        let name = parts[4];
+        assert!(
+            name.starts_with(&format!(
+                "{topic}-p{partition:04}-{first:019}-{:019}",
+                offsets.last().expect("a file holds records")
+            )),
+            "{rel}: named from topic, partition, first and last offset"
+        );
+        let writer = reader.writer_schema().clone();
+        let values: Vec<apache_avro::types::Value> =
+            reader.map(|v| v.expect("record decodes")).collect();
+        assert_eq!(values.len(), offsets.len(), "{rel}: one offset per record");
+        for (value, offset) in values.iter().zip(&offsets) {
+            let key = (topic.to_owned(), partition, *offset);
+            assert!(seen.insert(key.clone()), "{key:?} stored twice");
+            let record = kafka
+                .get(&key)
+                .unwrap_or_else(|| panic!("{rel}: {key:?} is not a Kafka record"));
+            match area {
+                "raw" | "metrics" => {
+                    let payload = record.value.as_deref().expect("a valid record has a value");
+                    let id = u32::from_be_bytes(payload[1..5].try_into().expect("frame"));
+                    assert!(
+                        name.ends_with(&format!("-s{id}.avro")),
+                        "{rel}: schema id {id}"
+                    );
+                    let want = apache_avro::reader::datum::GenericDatumReader::builder(&writer)
+                        .build()
+                        .and_then(|r| r.read_value(&mut &payload[5..]))
+                        .expect("Kafka body decodes");
+                    assert_eq!(value, &want, "{key:?}: stored record equals Kafka's");
+                    let time = if area == "raw" {
+                        "event_time"
+                    } else {
+                        "window_start"
+                    };
+                    assert_eq!(
+                        hive(long(field(value, time))),
+                        folder,
+                        "{key:?}: event hour"
+                    );
+                    let is_input = adstream_schemas::topics::INPUTS.contains(&topic);
+                    assert_eq!(area == "raw", is_input, "{rel}: area of {topic}");
+                }
+                "raw-invalid" => {
+                    assert_eq!(long(field(value, "offset")), *offset);
+                    assert_eq!(long(field(value, "partition")), i64::from(partition));
+                    assert_eq!(bytes_of(field(value, "value")), record.value, "{key:?}");
+                    assert_eq!(bytes_of(field(value, "key")), record.key, "{key:?}");
+                    let ts = record.timestamp.expect("Kafka timestamp");
+                    assert_eq!(long(field(value, "timestamp")), ts);
+                    assert_eq!(hive(ts), folder, "{key:?}: hour of the Kafka timestamp");
+                }
+                other => panic!("{rel}: unexpected area {other}"),
+            }
+        }
+        objects += 1;
+    }
+    let missing: Vec<_> = kafka
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "records missing from storage, e.g. {missing:?}"
+    );
+    assert_eq!(seen.len(), kafka.len(), "nothing else is stored");
+    (objects, seen.len())
+}
+
+/// Objects stored under the URL (the loader's own `_sink/` intents aside).
+fn count_objects(rt: &tokio::runtime::Runtime, store_url: &str) -> usize {
+    use futures_util::TryStreamExt as _;
+    let (store, root) = adstream_sink::objects::open_store(store_url).expect("store");
+    let listed: Vec<object_store::ObjectMeta> = rt
+        .block_on(store.list(Some(&root)).try_collect())
+        .expect("list objects");
+    listed
+        .iter()
+        .filter(|m| !m.location.as_ref().contains("/_sink/"))
+        .count()
+}
+
+/// Whether the consumer group `group` has committed past every record of `kafka`.
+fn committed_past_all(
+    bootstrap: &str,
+    group: &str,
+    prefix: &str,
+    kafka: &HashMap<(String, i32, i64), Consumed>,
+) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut ends: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for (t, p, o) in kafka.keys() {
+        let e = ends.entry((format!("{prefix}{t}"), *p)).or_insert(0);
+        *e = (*e).max(o + 1);
+    }
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (t, p) in ends.keys() {
+        tpl.add_partition(t, *p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return false;
+    };
+    committed.elements().iter().all(|e| match e.offset() {
+        rdkafka::Offset::Offset(o) => o >= ends[&(e.topic().to_owned(), e.partition())],
+        _ => false,
+    })
+}
+
 #[test]
-fn rows_equal_the_oracle_after_five_sigkills() {
+fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
     const EVENTS: u64 = 150_000;
     let stack = Stack::from_env();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -216,21 +431,45 @@ fn rows_equal_the_oracle_after_five_sigkills() {
     )
     .expect("processor");
 
+    // What storage must hold: every record of the input and result topics.
+    let names: Vec<String> = adstream_schemas::topics::INPUTS
+        .iter()
+        .chain(&adstream_schemas::topics::RESULTS)
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    let kafka: HashMap<(String, i32, i64), Consumed> =
+        read_all(&stack.bootstrap, &names, None, Duration::from_secs(3))
+            .into_iter()
+            .map(|c| {
+                let contract = c.topic.strip_prefix(&prefix).expect("prefixed").to_owned();
+                ((contract, c.partition, c.offset), c)
+            })
+            .collect();
+    let store_url = object_store_url(&prefix);
+    let s3_group = format!("{prefix}s3");
+
     // The sink binary, killed with SIGKILL five times while loading.
     let start_sink = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_adstream-sink"))
             .args([
-                "postgres",
+                "all",
                 "--topic-prefix",
                 &prefix,
                 "--batch-size",
                 "1000",
                 "--linger",
                 "200ms",
+                "--group",
+                &s3_group,
+                "--max-records",
+                "5000",
+                "--max-open",
+                "2s",
             ])
             .env("KAFKA_BOOTSTRAP_SERVERS", &stack.bootstrap)
             .env("SCHEMA_REGISTRY_URL", &stack.registry_url)
             .env("DATABASE_URL", &db_url)
+            .env("OBJECT_STORE_URL", &store_url)
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start the sink")
@@ -250,6 +489,7 @@ fn rows_equal_the_oracle_after_five_sigkills() {
     let mut seed = 0x9e37_79b9_u64;
     let mut kills = 0;
     let mut mid_load = 0;
+    let (mut stored_mid_load, mut stored_before) = (0, 0);
     let total = expected.ad_metrics.len() as i64;
     while kills < 5 {
         let mut child = start_sink();
@@ -263,22 +503,34 @@ fn rows_equal_the_oracle_after_five_sigkills() {
         child.wait().expect("reap");
         kills += 1;
         mid_load += usize::from(loaded > 0 && loaded < total);
-        eprintln!("kill {kills} after {wait:?}: {loaded} ad_metrics rows loaded");
+        let stored = count_objects(&rt, &store_url);
+        stored_mid_load += usize::from(stored > stored_before);
+        stored_before = stored;
+        eprintln!(
+            "kill {kills} after {wait:?}: {loaded} ad_metrics rows loaded, {stored} objects stored"
+        );
     }
     assert!(
         mid_load >= 3,
-        "at least 3 of the kills hit the sink while it was loading"
+        "at least 3 of the kills hit the PostgreSQL loader while it was loading"
+    );
+    assert!(
+        stored_mid_load >= 3,
+        "at least 3 of the kills hit the storage loader while it was writing"
     );
     let mut child = start_sink();
     let t0 = Instant::now();
     let want_metrics = expected.ad_metrics.len() as i64;
     let want_campaigns = expected.campaign_ctr.len() as i64;
-    while count("ad_metrics") < want_metrics || count("campaign_ctr") < want_campaigns {
+    while count("ad_metrics") < want_metrics
+        || count("campaign_ctr") < want_campaigns
+        || !committed_past_all(&stack.bootstrap, &s3_group, &prefix, &kafka)
+    {
         assert!(
             t0.elapsed() < Duration::from_secs(300),
             "sink did not finish loading"
         );
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_secs(1));
     let pid = child.id().to_string();
@@ -387,6 +639,13 @@ fn rows_equal_the_oracle_after_five_sigkills() {
         ran += 1;
     }
     assert_eq!(ran, 5, "every query in queries.sql ran");
+
+    let t_check = Instant::now();
+    let (objects, records) = check_storage(&rt, &store_url, &kafka);
+    eprintln!(
+        "storage: {objects} objects hold all {records} Kafka records exactly once (checked in {:?})",
+        t_check.elapsed()
+    );
 }
 
 #[test]
@@ -509,4 +768,134 @@ fn undecodable_result_records_go_to_the_dead_letter_topic_and_loading_goes_on() 
         header("reason")
     );
     assert_eq!(dlq[0].value.as_deref(), Some(&b"{\"oops\": true}"[..]));
+}
+
+#[test]
+fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
+    use object_store::ObjectStoreExt as _;
+    use std::sync::atomic::Ordering;
+    let stack = Stack::from_env();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let prefix = unique_prefix("sinkclean");
+    rt.block_on(stack.create_topics(&prefix, 1));
+    run_producer(
+        RunOptions {
+            generator: GeneratorConfig {
+                seed: 5,
+                ..Default::default()
+            },
+            events: Some(3_000),
+            duration: None,
+            rate: None,
+            target: Target::Kafka {
+                bootstrap: stack.bootstrap.clone(),
+                registry_url: stack.registry_url.clone(),
+                overrides: Vec::new(),
+                topic_prefix: prefix.clone(),
+            },
+            record: None,
+            episodes_out: None,
+            progress_every: Duration::from_secs(3600),
+        },
+        &AtomicBool::new(false),
+    )
+    .expect("producer");
+    let names: Vec<String> = adstream_schemas::topics::INPUTS
+        .iter()
+        .chain(&adstream_schemas::topics::RESULTS)
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    let kafka: HashMap<(String, i32, i64), Consumed> =
+        read_all(&stack.bootstrap, &names, None, Duration::from_secs(3))
+            .into_iter()
+            .map(|c| {
+                let contract = c.topic.strip_prefix(&prefix).expect("prefixed").to_owned();
+                ((contract, c.partition, c.offset), c)
+            })
+            .collect();
+    assert!(kafka.len() >= 3_000);
+
+    // What a run that died between writing a segment's objects and
+    // committing its offsets leaves behind: an intent and an object.
+    let store_url = object_store_url(&prefix);
+    let group = format!("{prefix}s3");
+    let (store, root) = adstream_sink::objects::open_store(&store_url).expect("store");
+    let stale = root
+        .clone()
+        .join("raw")
+        .join("ad-impressions")
+        .join("dt=2020-01-01")
+        .join("hour=00")
+        .join("ad-impressions-p0000-0000000000000000000-0000000000000000099-s1.avro");
+    let intent = root
+        .clone()
+        .join("_sink")
+        .join(group.as_str())
+        .join("pending")
+        .join("ad-impressions")
+        .join("p0000.json");
+    let intent_json = serde_json::json!({
+        "first_offset": 0,
+        "next_offset": 100,
+        "objects": [stale.to_string()],
+    });
+    rt.block_on(async {
+        store
+            .put(&stale, b"left by a dead run".to_vec().into())
+            .await?;
+        store
+            .put(
+                &intent,
+                serde_json::to_vec(&intent_json).expect("json").into(),
+            )
+            .await
+    })
+    .expect("plant leftovers");
+
+    let opts = adstream_sink::objects::ObjectOptions {
+        bootstrap: stack.bootstrap.clone(),
+        registry_url: stack.registry_url.clone(),
+        overrides: Vec::new(),
+        topic_prefix: prefix.clone(),
+        store_url: store_url.clone(),
+        consumer: group.clone(),
+        max_records: 1_000,
+        max_bytes: 1 << 30,
+        max_open: Duration::from_secs(1),
+        compression: adstream_sink::ocf::Compression::Deflate,
+    };
+    let stop = AtomicBool::new(false);
+    let status = adstream_sink::objects::ObjectStatus::default();
+    std::thread::scope(|s| {
+        let loader = s.spawn(|| rt.block_on(adstream_sink::objects::run(&opts, &stop, &status)));
+        let t0 = Instant::now();
+        while !committed_past_all(&stack.bootstrap, &group, &prefix, &kafka) {
+            assert!(!loader.is_finished(), "the loader stopped early");
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "loader did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        stop.store(true, Ordering::Relaxed);
+        loader.join().expect("loader thread").expect("loader");
+    });
+    assert_eq!(
+        status.cleaned.load(Ordering::Relaxed),
+        1,
+        "the leftover object was deleted"
+    );
+    let gone = rt.block_on(store.head(&stale));
+    assert!(
+        matches!(gone, Err(object_store::Error::NotFound { .. })),
+        "{gone:?}"
+    );
+    // And nothing but the Kafka records, each once.
+    let (objects, records) = check_storage(&rt, &store_url, &kafka);
+    assert_eq!(records, kafka.len());
+    assert!(objects > 1);
 }

@@ -1,0 +1,101 @@
+//! Resuming partitions at stored positions on brokers that cannot fetch
+//! from the middle of a record batch.
+//!
+//! Apache Kafka answers a fetch at any offset with the batch containing it
+//! (the client drops the records before the offset). Some brokers (tansu,
+//! measured) return nothing for an offset inside a batch, so a loader
+//! resumed from a stored position would wait forever. [`ResumeGuard`]
+//! watches each resumed partition: if it stays silent while the broker holds
+//! data past the stored position, the partition is re-read from its start
+//! and the records below the stored position are skipped. On Apache Kafka the
+//! first fetch answers and the guard never acts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::Offset;
+
+type Key = (String, i32);
+
+/// How long a resumed partition may stay silent before the guard looks at it.
+const SILENCE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Default)]
+pub struct ResumeGuard {
+    /// Resumed partitions that have not delivered a record yet: stored position, since.
+    waiting: HashMap<Key, (i64, Instant)>,
+    /// Partitions re-read from their start: records below this offset are skipped.
+    skip_below: HashMap<Key, i64>,
+}
+
+impl ResumeGuard {
+    /// Watches the partitions resumed at `positions` (next offset to read).
+    pub fn new(positions: impl IntoIterator<Item = (Key, i64)>) -> Self {
+        let now = Instant::now();
+        ResumeGuard {
+            waiting: positions
+                .into_iter()
+                .filter(|(_, o)| *o > 0)
+                .map(|(k, o)| (k, (o, now)))
+                .collect(),
+            skip_below: HashMap::new(),
+        }
+    }
+
+    /// Seeks silent resumed partitions that have data to their start.
+    pub fn check<C: Consumer>(&mut self, consumer: &C) -> Result<(), KafkaError> {
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let stalled: Vec<Key> = self
+            .waiting
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() >= SILENCE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stalled {
+            let Some((from, _)) = self.waiting.remove(&key) else {
+                continue;
+            };
+            let high = consumer
+                .fetch_watermarks(&key.0, key.1, Duration::from_secs(5))
+                .map(|(_, h)| h)
+                .unwrap_or(-1);
+            if high > from {
+                tracing::warn!(topic = %key.0, partition = key.1, from,
+                    "no data from the stored position; re-reading the partition and skipping loaded records");
+                consumer.seek(&key.0, key.1, Offset::Beginning, Duration::from_secs(10))?;
+                self.skip_below.insert(key, from);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a record at `offset` of `key` is new (false: already loaded, skip it).
+    pub fn admit(&mut self, key: &Key, offset: i64) -> bool {
+        if !self.waiting.is_empty() {
+            self.waiting.remove(key);
+        }
+        self.skip_below
+            .get(key)
+            .is_none_or(|below| offset >= *below)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_everything_until_a_partition_is_reread() {
+        let key = ("t".to_owned(), 0);
+        let mut g = ResumeGuard::new([(key.clone(), 10)]);
+        assert!(g.admit(&key, 10));
+        g.skip_below.insert(key.clone(), 10);
+        assert!(!g.admit(&key, 9));
+        assert!(g.admit(&key, 10));
+        assert!(g.waiting.is_empty(), "a delivered record ends the wait");
+    }
+}
