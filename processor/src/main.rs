@@ -11,7 +11,7 @@ use clap::Parser;
 
 use adstream_processor::engine::anomaly::AnomalyConfig;
 use adstream_processor::engine::EngineConfig;
-use adstream_processor::metrics::{serve, Metrics};
+use adstream_processor::metrics::Metrics;
 use adstream_processor::runtime::{run, ProcessorOptions, Status};
 use adstream_schemas::config::{init_tracing, KafkaArgs};
 
@@ -126,8 +126,9 @@ fn main() -> anyhow::Result<()> {
             .metrics_addr
             .parse()
             .with_context(|| format!("--metrics-addr {:?} is not host:port", args.metrics_addr))?;
-        let bound =
-            serve(addr, metrics.clone()).with_context(|| format!("serving metrics on {addr}"))?;
+        let shared = metrics.clone();
+        let bound = adstream_schemas::config::serve_metrics(addr, move || shared.render())
+            .with_context(|| format!("serving metrics on {addr}"))?;
         tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
     let stop = Arc::new(AtomicBool::new(false));

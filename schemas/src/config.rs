@@ -53,6 +53,35 @@ pub fn prefixed(prefix: &str, topic: &str) -> String {
     format!("{prefix}{topic}")
 }
 
+/// Serves the text `render` returns (OpenMetrics) to every HTTP request on
+/// `addr`, from a background thread; returns the bound address. Scrapes are
+/// rare and tiny, so one blocking thread is enough.
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: impl Fn() -> String + Send + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let body = render();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                    body.len(),
+                    body
+                );
+            }
+        })?;
+    Ok(bound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,14 @@ use adstream_sink::postgres::{self, pool, PgOptions, SinkStatus};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
+    /// Serve Prometheus metrics on this host:port (empty: off).
+    #[arg(
+        long,
+        global = true,
+        env = "METRICS_ADDR",
+        default_value = "127.0.0.1:9465"
+    )]
+    metrics_addr: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -138,9 +146,8 @@ fn s3_options(kafka: &KafkaArgs, s3: S3Load) -> ObjectOptions {
     }
 }
 
-async fn run_pg(opts: PgOptions, stop: &AtomicBool) -> anyhow::Result<()> {
-    let status = SinkStatus::default();
-    postgres::run(&opts, stop, &status)
+async fn run_pg(opts: PgOptions, stop: &AtomicBool, status: &SinkStatus) -> anyhow::Result<()> {
+    postgres::run(&opts, stop, status)
         .await
         .context("PostgreSQL loader stopped with an error")?;
     tracing::info!(
@@ -150,9 +157,12 @@ async fn run_pg(opts: PgOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_s3(opts: ObjectOptions, stop: &AtomicBool) -> anyhow::Result<()> {
-    let status = ObjectStatus::default();
-    objects::run(&opts, stop, &status)
+async fn run_s3(
+    opts: ObjectOptions,
+    stop: &AtomicBool,
+    status: &ObjectStatus,
+) -> anyhow::Result<()> {
+    objects::run(&opts, stop, status)
         .await
         .context("object-storage loader stopped with an error")?;
     tracing::info!(
@@ -175,6 +185,26 @@ fn main() -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    let pg_status = Arc::new(SinkStatus::default());
+    let s3_status = Arc::new(ObjectStatus::default());
+    let (with_pg, with_s3) = match &args.command {
+        Command::Postgres { .. } => (true, false),
+        Command::S3 { .. } => (false, true),
+        Command::All { .. } => (true, true),
+        Command::Migrate(_) | Command::Ls { .. } => (false, false),
+    };
+    if (with_pg || with_s3) && !args.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = args
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?} is not host:port", args.metrics_addr))?;
+        let (pg, s3) = (pg_status.clone(), s3_status.clone());
+        let bound = adstream_schemas::config::serve_metrics(addr, move || {
+            adstream_sink::metrics::render(with_pg.then_some(&*pg), with_s3.then_some(&*s3))
+        })
+        .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     match args.command {
         Command::Migrate(db) => rt.block_on(async {
             let pool = pool(&db.database_url)?;
@@ -186,7 +216,9 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }),
-        Command::Postgres { kafka, pg } => rt.block_on(run_pg(pg_options(&kafka, pg), &stop)),
+        Command::Postgres { kafka, pg } => {
+            rt.block_on(run_pg(pg_options(&kafka, pg), &stop, &pg_status))
+        }
         Command::Ls { store_url } => rt.block_on(async {
             use futures_util::TryStreamExt as _;
             let (store, root) = objects::open_store(&store_url)?;
@@ -203,7 +235,7 @@ fn main() -> anyhow::Result<()> {
             println!("{} objects, {bytes} bytes", listed.len());
             Ok(())
         }),
-        Command::S3 { kafka, s3 } => rt.block_on(run_s3(s3_options(&kafka, s3), &stop)),
+        Command::S3 { kafka, s3 } => rt.block_on(run_s3(s3_options(&kafka, s3), &stop, &s3_status)),
         Command::All { kafka, pg, s3 } => {
             let (pg, s3) = (pg_options(&kafka, pg), s3_options(&kafka, s3));
             rt.block_on(async {
@@ -212,12 +244,12 @@ fn main() -> anyhow::Result<()> {
                 let stop_both = || stop.store(true, Ordering::Relaxed);
                 let (a, b) = tokio::join!(
                     async {
-                        let r = run_pg(pg, &stop).await;
+                        let r = run_pg(pg, &stop, &pg_status).await;
                         stop_both();
                         r
                     },
                     async {
-                        let r = run_s3(s3, &stop).await;
+                        let r = run_s3(s3, &stop, &s3_status).await;
                         stop_both();
                         r
                     }

@@ -452,6 +452,8 @@ fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
     let start_sink = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_adstream-sink"))
             .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "all",
                 "--topic-prefix",
                 &prefix,
