@@ -7,7 +7,7 @@ CARGO ?= cargo
 DEMO_DIR ?= .stack/demo
 DEMO_EVENTS ?= 600000
 
-.PHONY: all build bootstrap stack-up stack-down stack-status topics demo test test-unit lint fmt check-schemas check-compose clean
+.PHONY: all build bootstrap stack-up stack-down stack-status topics demo test test-unit lint fmt check-schemas check-compose clean bench
 
 all: build
 
@@ -88,8 +88,19 @@ test: bootstrap
 	$(MAKE) --no-print-directory lint check-schemas check-compose; \
 	python3 -m unittest discover -s oracle; \
 	$(CARGO) build --workspace --locked --all-targets; \
-	scripts/with-stack.sh $(CARGO) test --workspace --locked -- --test-threads=2; \
+	scripts/with-stack.sh bash -c '$(CARGO) test --workspace --locked -- --test-threads=2 && \
+	  echo "== bench harness, smoke sizes (figures not meaningful)" && \
+	  RUST_LOG=warn $(CARGO) run --locked -q -p adstream-bench -- --smoke --out-dir target/bench-smoke -X session.timeout.ms=6000'; \
 	echo "make test: all passed in $$(( $$(date +%s) - start )) s"
+
+# Every benchmark of bench/README.md in one run: bench/results.json and bench/results.md.
+bench: bootstrap stack-up
+	$(CARGO) build --release --locked -p adstream-bench
+	bash bench/peers/install.sh
+	@eval "$$(scripts/stack.sh env)"; ./target/release/adstream-bench --out-dir bench \
+	  --quix-python "$${ADSTREAM_BENCH_VENV:-$$HOME/.cache/adstream/venv-bench}/bin/python" \
+	  -X session.timeout.ms=6000 $(BENCH_ARGS)
+	@cat bench/results.md
 
 clean:
 	$(CARGO) clean

@@ -197,7 +197,7 @@ async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     statement: &str,
     types: &[Type],
-    rows: impl Iterator<Item = Vec<Box<dyn ToSql + Sync + Send>>>,
+    rows: impl Iterator<Item = Row>,
 ) -> Result<(), SinkError> {
     let sink = tx.copy_in(statement).await.map_err(pg("starting COPY"))?;
     let writer = BinaryCopyInWriter::new(sink, types);
@@ -213,6 +213,57 @@ async fn copy_rows(
     Ok(())
 }
 
+type Row = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// Loads `rows` into `table`. Fast path: `COPY` straight into the table,
+/// which succeeds whenever none of the rows exist yet (the normal case: each
+/// window is emitted once). If any does (a replay after a crash), the
+/// savepoint is rolled back and the rows go through the staging table and
+/// the upsert instead. Either way the outcome is the upsert's.
+async fn load<I: Iterator<Item = Row>>(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    types: &[Type],
+    upsert: &str,
+    rows: impl Fn() -> I,
+) -> Result<(), SinkError> {
+    tx.batch_execute("SAVEPOINT direct_copy")
+        .await
+        .map_err(pg("SAVEPOINT"))?;
+    match copy_rows(
+        tx,
+        &format!("COPY {table} FROM STDIN BINARY"),
+        types,
+        rows(),
+    )
+    .await
+    {
+        Ok(()) => {
+            return tx
+                .batch_execute("RELEASE SAVEPOINT direct_copy")
+                .await
+                .map_err(pg("RELEASE SAVEPOINT"));
+        }
+        Err(SinkError::Postgres { source, .. })
+            if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT direct_copy")
+                .await
+                .map_err(pg("ROLLBACK TO SAVEPOINT"))?;
+        }
+        Err(e) => return Err(e),
+    }
+    copy_rows(
+        tx,
+        &format!("COPY stage_{table} FROM STDIN BINARY"),
+        types,
+        rows(),
+    )
+    .await?;
+    tx.execute(upsert, &[]).await.map_err(pg("upserting"))?;
+    Ok(())
+}
+
 /// Writes one batch and its positions in one transaction.
 async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkError> {
     let mut client = pool
@@ -225,12 +276,9 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
         .map_err(pg("creating staging tables"))?;
     let tx = client.transaction().await.map_err(pg("BEGIN"))?;
     if !batch.metrics.is_empty() {
-        copy_rows(
-            &tx,
-            "COPY stage_ad_metrics FROM STDIN BINARY",
-            &METRIC_TYPES,
+        load(&tx, "ad_metrics", &METRIC_TYPES, UPSERT_METRICS, || {
             batch.metrics.values().map(|m| {
-                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+                let row: Row = vec![
                     Box::new(ts(m.window_start)),
                     Box::new(ts(m.window_end)),
                     Box::new(m.campaign_id.clone()),
@@ -248,46 +296,40 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
                     Box::new(m.conversion_rate),
                 ];
                 row
-            }),
-        )
+            })
+        })
         .await?;
-        tx.execute(UPSERT_METRICS, &[])
-            .await
-            .map_err(pg("upserting ad_metrics"))?;
     }
     if !batch.campaigns.is_empty() {
-        copy_rows(
+        load(
             &tx,
-            "COPY stage_campaign_ctr FROM STDIN BINARY",
+            "campaign_ctr",
             &CAMPAIGN_TYPES,
-            batch.campaigns.values().map(|m| {
-                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
-                    Box::new(ts(m.window_start)),
-                    Box::new(ts(m.window_end)),
-                    Box::new(m.campaign_id.clone()),
-                    Box::new(m.impressions),
-                    Box::new(m.clicks),
-                    Box::new(m.conversions),
-                    Box::new(m.cost_micros),
-                    Box::new(m.revenue_micros),
-                    Box::new(m.ctr),
-                    Box::new(m.conversion_rate),
-                ];
-                row
-            }),
+            UPSERT_CAMPAIGNS,
+            || {
+                batch.campaigns.values().map(|m| {
+                    let row: Row = vec![
+                        Box::new(ts(m.window_start)),
+                        Box::new(ts(m.window_end)),
+                        Box::new(m.campaign_id.clone()),
+                        Box::new(m.impressions),
+                        Box::new(m.clicks),
+                        Box::new(m.conversions),
+                        Box::new(m.cost_micros),
+                        Box::new(m.revenue_micros),
+                        Box::new(m.ctr),
+                        Box::new(m.conversion_rate),
+                    ];
+                    row
+                })
+            },
         )
         .await?;
-        tx.execute(UPSERT_CAMPAIGNS, &[])
-            .await
-            .map_err(pg("upserting campaign_ctr"))?;
     }
     if !batch.alerts.is_empty() {
-        copy_rows(
-            &tx,
-            "COPY stage_anomaly_alerts FROM STDIN BINARY",
-            &ALERT_TYPES,
+        load(&tx, "anomaly_alerts", &ALERT_TYPES, UPSERT_ALERTS, || {
             batch.alerts.values().map(|a| {
-                let row: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+                let row: Row = vec![
                     Box::new(a.alert_id.clone()),
                     Box::new(a.campaign_id.clone()),
                     Box::new(a.metric.clone()),
@@ -302,12 +344,9 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
                     Box::new(ts(a.detected_at)),
                 ];
                 row
-            }),
-        )
+            })
+        })
         .await?;
-        tx.execute(UPSERT_ALERTS, &[])
-            .await
-            .map_err(pg("upserting anomaly_alerts"))?;
     }
     for ((topic, partition), next) in &batch.positions {
         tx.execute(

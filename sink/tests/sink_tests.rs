@@ -651,7 +651,7 @@ fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
 }
 
 #[test]
-fn undecodable_result_records_go_to_the_dead_letter_topic_and_loading_goes_on() {
+fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserted() {
     use adstream_schemas::Codec;
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -736,6 +736,43 @@ fn undecodable_result_records_go_to_the_dead_letter_topic_and_loading_goes_on() 
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the valid row after the bad one was not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The same grain again (a processor replay after a crash): the direct
+    // COPY hits the primary key, the batch falls back to the upsert, and
+    // the row holds the newer values, once.
+    let newer = AdMetric {
+        impressions: 5,
+        ctr: Some(1.0 / 5.0),
+        ..row.clone()
+    };
+    rt.block_on(async {
+        let value = codec.encode(&topic, &newer).await.expect("encode");
+        producer
+            .send(
+                FutureRecord::to(&topic).key("c").payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("sent");
+    });
+    let t0 = Instant::now();
+    loop {
+        let (n, impressions): (i64, i64) = rt
+            .block_on(client.query_one(
+                "SELECT count(*), coalesce(max(impressions), 0) FROM ad_metrics",
+                &[],
+            ))
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, 0));
+        assert_eq!(n, 1, "a replayed grain is not duplicated");
+        if impressions == 5 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the replayed row did not replace the first"
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -87,6 +87,26 @@ impl Interner {
         self.grain_parts[g as usize][0]
     }
 
+    /// The interned string ids of a grain's dimensions, in grain order.
+    pub fn parts(&self, g: GrainId) -> &[u32; 6] {
+        &self.grain_parts[g as usize]
+    }
+
+    /// Orders grains by their dimension values (as [`Grain`]'s `Ord` does),
+    /// without building them.
+    pub fn cmp_grains(&self, a: GrainId, b: GrainId) -> std::cmp::Ordering {
+        let (pa, pb) = (self.parts(a), self.parts(b));
+        for (x, y) in pa.iter().zip(pb) {
+            if x != y {
+                let o = self.values[*x as usize].cmp(&self.values[*y as usize]);
+                if o.is_ne() {
+                    return o;
+                }
+            }
+        }
+        std::cmp::Ordering::Equal
+    }
+
     pub fn string(&self, id: u32) -> &str {
         &self.values[id as usize]
     }
@@ -125,6 +145,9 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(&*i.resolve(c).ip_range, "1.2.4.0/24");
         assert_eq!(i.string(i.campaign_of(a)), "c");
+        assert_eq!(i.cmp_grains(a, b), std::cmp::Ordering::Equal);
+        assert_eq!(i.cmp_grains(a, c), i.resolve(a).cmp(&i.resolve(c)));
+        assert_eq!(i.cmp_grains(c, a), i.resolve(c).cmp(&i.resolve(a)));
     }
 
     #[test]

@@ -26,8 +26,6 @@ pub mod validate;
 pub mod watermark;
 pub mod windows;
 
-use std::collections::BTreeMap;
-
 use adstream_schemas::records::rate;
 use adstream_schemas::{
     AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, CodecError, Conversion, Impression,
@@ -451,27 +449,31 @@ impl Engine {
         }
         for w in self.windows.close_until(wm) {
             self.stats.windows_closed += 1;
-            let mut rows: Vec<(ids::Grain, Measures)> = w
-                .cells
-                .iter()
-                .map(|(g, m)| (self.interner.resolve(*g), *m))
-                .collect();
-            rows.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut campaigns: BTreeMap<Box<str>, Measures> = BTreeMap::new();
-            for (g, m) in &rows {
-                campaigns.entry(g.campaign_id.clone()).or_default().merge(m);
-            }
-            for (g, m) in rows {
+            let interner = &self.interner;
+            // Rows in grain order (by dimension values), so a window's output
+            // order does not depend on the order records were interned in.
+            let mut cells = w.cells;
+            cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
+            // Campaign is the first grain dimension: its cells are adjacent.
+            let mut campaigns: Vec<(u32, Measures)> = Vec::new();
+            self.outputs.reserve(cells.len() + 8);
+            for (g, m) in &cells {
+                let p = interner.parts(*g);
+                match campaigns.last_mut() {
+                    Some((c, acc)) if *c == p[0] => acc.merge(m),
+                    _ => campaigns.push((p[0], *m)),
+                }
                 self.stats.ad_metric_rows += 1;
+                let s = |i: usize| interner.string(p[i]).to_owned();
                 self.outputs.push(Output::AdMetric(AdMetric {
                     window_start: w.start,
                     window_end: w.end,
-                    campaign_id: g.campaign_id.into(),
-                    ad_id: g.ad_id.into(),
-                    search_keyword: g.search_keyword.into(),
-                    state: g.state.into(),
-                    ip_range: g.ip_range.into(),
-                    device_type: g.device_type.into(),
+                    campaign_id: s(0),
+                    ad_id: s(1),
+                    search_keyword: s(2),
+                    state: s(3),
+                    ip_range: s(4),
+                    device_type: s(5),
                     impressions: m.impressions,
                     clicks: m.clicks,
                     conversions: m.conversions,
@@ -482,9 +484,10 @@ impl Engine {
                 }));
             }
             for (campaign, m) in campaigns {
+                let campaign = interner.string(campaign);
                 self.stats.campaign_rows += 1;
                 let alerts = self.detector.on_window(&CampaignWindow {
-                    campaign_id: &campaign,
+                    campaign_id: campaign,
                     window_start: w.start,
                     window_end: w.end,
                     impressions: m.impressions,

@@ -2,6 +2,7 @@
 
 use super::*;
 use adstream_schemas::AvroRecord;
+use std::collections::BTreeMap;
 
 const MIN: i64 = 60_000;
 

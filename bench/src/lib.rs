@@ -1,0 +1,3 @@
+//! Benchmark pieces that talk to services (see `main.rs` for the figures).
+
+pub mod pg;

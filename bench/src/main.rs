@@ -1,0 +1,593 @@
+//! `adstream-bench`: the figures of `make bench`, measured side by side in
+//! one run (this machine is shared and noisy: ratios within a run hold,
+//! absolute numbers drift). Writes `results.json` (numbers only) and a
+//! readable `results.md`.
+//!
+//! - `engine_events_per_s_per_core`: the engine alone, in process, on the
+//!   producer's generated records: decode → join → window → encode of the
+//!   results, per CPU-second of the measuring thread.
+//! - `producer_events_per_s`: the producer unthrottled into the broker.
+//! - `e2e_vs_ceiling`: the processor through the broker on those records,
+//!   divided by a plain rdkafka consumer that only consumes and decodes them.
+//! - `pg_sink_vs_copy`: the PostgreSQL loader's rows/s (from Kafka) divided
+//!   by a raw binary COPY of the same rows.
+//! - `state_bytes_per_impression`: resident memory growth of the engine per
+//!   buffered impression.
+//!
+//! Peers (Quix Streams) are separate jobs under `bench/peers/`; `make bench`
+//! runs them and merges their figures.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+// The processor binary's allocator, so the engine figure is the processor's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use adstream_processor::engine::watermark::InputPartition;
+use adstream_processor::engine::{Engine, EngineConfig, Output, SourceRef};
+use adstream_processor::metrics::Metrics;
+use adstream_processor::runtime::{self, ProcessorOptions, Status};
+use adstream_producer::encode::{encode_payload, SchemaIds};
+use adstream_producer::generator::{Generator, GeneratorConfig, InputTopic};
+use adstream_producer::partitioner::partition_for;
+use adstream_producer::{RunOptions, Target};
+use adstream_schemas::{
+    AdMetric, AnomalyAlert, AvroRecord as _, CampaignCtr, Click, Codec, Conversion, Impression,
+};
+
+/// Measure adstream against the hardware and against a plain consumer.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    kafka: adstream_schemas::config::KafkaArgs,
+    /// PostgreSQL server (a database per run is created on it).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Events for the engine figure.
+    #[arg(long, default_value_t = 2_000_000)]
+    engine_events: u64,
+    /// Events through the broker (producer, processor, ceiling).
+    #[arg(long, default_value_t = 1_000_000)]
+    e2e_events: u64,
+    /// Rows for the PostgreSQL figure.
+    #[arg(long, default_value_t = 300_000)]
+    pg_rows: u64,
+    /// Buffered impressions for the state figure.
+    #[arg(long, default_value_t = 10_000_000)]
+    state_impressions: u64,
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Python of the peers' venv (bench/peers/install.sh); when given, the
+    /// Quix Streams job runs on the same topics after the processor.
+    #[arg(long)]
+    quix_python: Option<PathBuf>,
+    /// Figures measured by other jobs, merged into the results: a JSON object file.
+    #[arg(long)]
+    merge: Vec<PathBuf>,
+    /// Where results.json and results.md go.
+    #[arg(long, default_value = "bench")]
+    out_dir: PathBuf,
+    /// Run only these figures (engine, state, pg, e2e); default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Tiny sizes, to keep the harness from rotting (make test); figures are not meaningful.
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time of the whole process (all threads, librdkafka's included).
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Generated records as the producer would send them: (topic, partition, key, value).
+fn generate(
+    cfg: GeneratorConfig,
+    events: u64,
+    partitions: i32,
+) -> Vec<(u8, i32, Vec<u8>, Vec<u8>)> {
+    let ids = SchemaIds {
+        impression: 1,
+        click: 2,
+        conversion: 3,
+    };
+    let mut out = Vec::with_capacity(events as usize + events as usize / 8);
+    let mut buf = Vec::new();
+    for r in Generator::new(cfg, Some(events)) {
+        if encode_payload(&r.payload, &ids, &mut buf).is_err() {
+            continue;
+        }
+        let key = r.key.into_bytes();
+        let p = partition_for(&key, partitions);
+        out.push((r.topic.index() as u8, p, key, buf.clone()));
+    }
+    out
+}
+
+fn offline_codec() -> anyhow::Result<Codec> {
+    let codec = Codec::offline();
+    codec.insert_schema(1, adstream_schemas::Impression::SCHEMA_JSON)?;
+    codec.insert_schema(2, adstream_schemas::Click::SCHEMA_JSON)?;
+    codec.insert_schema(3, adstream_schemas::Conversion::SCHEMA_JSON)?;
+    Ok(codec)
+}
+
+fn new_engine(codec: Codec, partitions: i32) -> Engine {
+    let mut engine = Engine::new(EngineConfig::default(), codec);
+    for topic in 0..3u8 {
+        for partition in 0..partitions {
+            engine.add_partition(InputPartition { topic, partition });
+        }
+    }
+    engine
+}
+
+/// Encodes results as the runtime does before sending them.
+fn encode_outputs(outputs: Vec<Output>, buf: &mut Vec<u8>) -> u64 {
+    let mut n = 0;
+    for o in outputs {
+        let ok = match &o {
+            Output::AdMetric(m) => Codec::encode_with_id::<AdMetric>(4, m, buf).is_ok(),
+            Output::CampaignCtr(m) => Codec::encode_with_id::<CampaignCtr>(5, m, buf).is_ok(),
+            Output::Alert(a) => Codec::encode_with_id::<AnomalyAlert>(6, a, buf).is_ok(),
+            Output::Side { .. } => true,
+        };
+        n += u64::from(ok);
+    }
+    n
+}
+
+struct EngineFigure {
+    events: u64,
+    cpu_s: f64,
+    outputs: u64,
+}
+
+fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
+    let records = generate(
+        GeneratorConfig {
+            seed: 11,
+            event_rate: 500.0,
+            ..Default::default()
+        },
+        events,
+        partitions,
+    );
+    let mut engine = new_engine(offline_codec()?, partitions);
+    let mut buf = Vec::with_capacity(512);
+    let mut outputs = 0;
+    let mut offsets = [[0i64; 256]; 3];
+    let cpu0 = thread_cpu();
+    for (topic, partition, key, value) in &records {
+        let offset = &mut offsets[*topic as usize][*partition as usize % 256];
+        engine.on_record(
+            SourceRef {
+                topic: *topic,
+                partition: *partition,
+                offset: *offset,
+            },
+            Some(key),
+            Some(value),
+            None,
+        );
+        *offset += 1;
+        if engine.has_outputs() {
+            outputs += encode_outputs(engine.take_outputs(), &mut buf);
+        }
+    }
+    let cpu = thread_cpu() - cpu0;
+    Ok(EngineFigure {
+        events: records.len() as u64,
+        cpu_s: cpu.as_secs_f64(),
+        outputs,
+    })
+}
+
+/// Resident bytes per buffered impression, `impressions` of them inside one click window.
+fn bench_state(impressions: u64, partitions: i32) -> anyhow::Result<(f64, u64)> {
+    let mut engine = new_engine(offline_codec()?, partitions);
+    let ids = SchemaIds {
+        impression: 1,
+        click: 2,
+        conversion: 3,
+    };
+    // 10 M impressions within 20 minutes of event time: none can expire.
+    let cfg = GeneratorConfig {
+        seed: 13,
+        event_rate: impressions as f64 / 1_200.0,
+        duplicate_rate: 0.0,
+        ..Default::default()
+    };
+    let mut buf = Vec::new();
+    let mut offset = 0i64;
+    let before = rss_bytes();
+    for r in Generator::new(cfg, None) {
+        if r.topic != InputTopic::Impressions {
+            continue; // only impressions, so the figure is per impression
+        }
+        if encode_payload(&r.payload, &ids, &mut buf).is_err() {
+            continue;
+        }
+        let p = partition_for(r.key.as_bytes(), partitions);
+        engine.on_record(
+            SourceRef {
+                topic: 0,
+                partition: p,
+                offset,
+            },
+            Some(r.key.as_bytes()),
+            Some(&buf),
+            None,
+        );
+        offset += 1;
+        if engine.has_outputs() {
+            drop(engine.take_outputs());
+        }
+        if engine.join_sizes().impressions as u64 >= impressions {
+            break;
+        }
+    }
+    let buffered = engine.join_sizes().impressions as u64;
+    let grown = rss_bytes().saturating_sub(before);
+    drop(engine);
+    Ok((grown as f64 / buffered.max(1) as f64, buffered))
+}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("runtime")
+}
+
+fn prefix(name: &str) -> String {
+    let ms = chrono::Utc::now().timestamp_millis();
+    format!("bench-{ms}-{name}.")
+}
+
+struct E2eFigures {
+    producer_events_per_s: f64,
+    processor_events_per_s: f64,
+    processor_events_per_cpu_s: f64,
+    quix: Option<serde_json::Value>,
+    ceiling_events_per_s: f64,
+    records: u64,
+}
+
+fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
+    let p = prefix("e2e");
+    let rt = rt()?;
+    let admin = adstream_admin::admin_client(&args.kafka.bootstrap_servers, &args.kafka.rdkafka)?;
+    rt.block_on(adstream_admin::create_topics(
+        &admin,
+        &p,
+        args.partitions,
+        1,
+        true,
+    ))?;
+    let summary = adstream_producer::run(
+        RunOptions {
+            generator: GeneratorConfig {
+                seed: 17,
+                event_rate: 300.0,
+                ..Default::default()
+            },
+            events: Some(events),
+            duration: None,
+            rate: None,
+            target: Target::Kafka {
+                bootstrap: args.kafka.bootstrap_servers.clone(),
+                registry_url: args.kafka.schema_registry_url.clone(),
+                overrides: args.kafka.rdkafka.clone(),
+                topic_prefix: p.clone(),
+            },
+            record: None,
+            episodes_out: None,
+            progress_every: Duration::from_secs(3600),
+        },
+        &AtomicBool::new(false),
+    )?;
+    let records = summary.records;
+
+    // The ceiling: consume and decode every input record, nothing else.
+    let codec = Codec::new(&args.kafka.schema_registry_url)?;
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &args.kafka.bootstrap_servers)
+        .set("group.id", format!("{p}ceiling"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100");
+    for (k, v) in &args.kafka.rdkafka {
+        cc.set(k, v);
+    }
+    let consumer: BaseConsumer = cc.create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in adstream_schemas::topics::INPUTS {
+        for part in 0..args.partitions {
+            tpl.add_partition_offset(&format!("{p}{t}"), part, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let names = adstream_schemas::topics::INPUTS.map(|t| format!("{p}{t}"));
+    let t0 = Instant::now();
+    let mut seen = 0u64;
+    let mut decoded = 0u64;
+    while seen < records {
+        if t0.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("ceiling consumer saw {seen} of {records} records in 10 minutes");
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m?;
+        seen += 1;
+        let Some(v) = m.payload() else { continue };
+        let ok = if m.topic() == names[0] {
+            rt.block_on(codec.decode::<Impression>(v)).is_ok()
+        } else if m.topic() == names[1] {
+            rt.block_on(codec.decode::<Click>(v)).is_ok()
+        } else {
+            rt.block_on(codec.decode::<Conversion>(v)).is_ok()
+        };
+        decoded += u64::from(ok);
+    }
+    let ceiling_s = t0.elapsed().as_secs_f64();
+    drop(consumer);
+    eprintln!("ceiling: {seen} records ({decoded} decodable) in {ceiling_s:.2} s");
+
+    // The processor on the same topics, from its first assignment to the
+    // moment it has taken in every input record.
+    let opts = ProcessorOptions {
+        bootstrap: args.kafka.bootstrap_servers.clone(),
+        registry_url: args.kafka.schema_registry_url.clone(),
+        overrides: {
+            let mut o = args.kafka.rdkafka.clone();
+            o.push(("session.timeout.ms".into(), "6000".into()));
+            o
+        },
+        topic_prefix: p.clone(),
+        group_id: format!("{p}processor"),
+        engine: EngineConfig::default(),
+        idle_timeout: Duration::from_secs(1),
+        commit_interval: Duration::from_secs(1),
+        max_drift_ms: 3_600_000,
+        stop_when_idle: true,
+    };
+    let stop = AtomicBool::new(false);
+    let status = Arc::new(Status::default());
+    let (mut assigned_at, mut done_at) = (None, None);
+    let (mut cpu_at_assign, mut cpu_at_done) = (Duration::ZERO, Duration::ZERO);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let worker = s.spawn(|| runtime::run(&opts, &stop, &status, &Metrics::new()));
+        while !worker.is_finished() {
+            let snap = status.snapshot();
+            if assigned_at.is_none() && snap.assigned > 0 {
+                assigned_at = Some(Instant::now());
+                cpu_at_assign = process_cpu();
+            }
+            if done_at.is_none() && snap.stats.total().input >= records {
+                done_at = Some(Instant::now());
+                cpu_at_done = process_cpu();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("processor thread panicked"))??;
+        Ok(())
+    })?;
+    let (Some(a), Some(d)) = (assigned_at, done_at) else {
+        anyhow::bail!("the processor did not take in every record");
+    };
+    let processor_s = (d - a).as_secs_f64();
+    let processor_cpu_s = (cpu_at_done - cpu_at_assign).as_secs_f64();
+    eprintln!("processor: {records} records in {processor_s:.2} s, {processor_cpu_s:.2} CPU-s");
+
+    let quix = match &args.quix_python {
+        None => None,
+        Some(python) => {
+            let out = std::process::Command::new(python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/peers/quixstreams/run.py"
+                ))
+                .args(["--prefix", &p, "--bootstrap", &args.kafka.bootstrap_servers])
+                .args(["--registry", &args.kafka.schema_registry_url])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("running the Quix Streams peer")?;
+            anyhow::ensure!(out.status.success(), "the Quix Streams peer failed");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .unwrap_or("{}");
+            let v: serde_json::Value =
+                serde_json::from_str(line).context("the Quix Streams peer's JSON line")?;
+            eprintln!("quixstreams: {v}");
+            Some(v)
+        }
+    };
+    Ok(E2eFigures {
+        producer_events_per_s: summary.records_per_s,
+        processor_events_per_s: records as f64 / processor_s,
+        processor_events_per_cpu_s: records as f64 / processor_cpu_s.max(1e-9),
+        quix,
+        ceiling_events_per_s: records as f64 / ceiling_s,
+        records,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    adstream_schemas::config::init_tracing();
+    let mut args = Args::parse();
+    if args.smoke {
+        args.engine_events = 20_000;
+        args.e2e_events = 5_000;
+        args.pg_rows = 2_000;
+        args.state_impressions = 20_000;
+    }
+    let mut figures: BTreeMap<String, f64> = BTreeMap::new();
+    let mut notes: Vec<String> = Vec::new();
+    let started = chrono::Utc::now();
+
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    if wanted("engine") {
+        let e = bench_engine(args.engine_events, args.partitions)?;
+        let engine_rate = e.events as f64 / e.cpu_s;
+        eprintln!(
+            "engine: {} events, {} results encoded, {:.2} CPU-s → {:.0} events/s per core",
+            e.events, e.outputs, e.cpu_s, engine_rate
+        );
+        figures.insert("engine_events_per_s_per_core".into(), engine_rate.round());
+    }
+    if wanted("state") {
+        let (bytes, buffered) = bench_state(args.state_impressions, args.partitions)?;
+        eprintln!("state: {buffered} impressions buffered, {bytes:.1} resident bytes each");
+        figures.insert(
+            "state_bytes_per_impression".into(),
+            (bytes * 10.0).round() / 10.0,
+        );
+    }
+    if wanted("pg") {
+        let pg = adstream_bench::pg::bench(&args.kafka, &args.database_url, args.pg_rows)?;
+        eprintln!(
+            "postgres: sink {:.0} rows/s, raw COPY {:.0} rows/s ({} rows)",
+            pg.sink_rows_per_s, pg.copy_rows_per_s, pg.rows
+        );
+        figures.insert(
+            "pg_sink_vs_copy".into(),
+            (pg.sink_rows_per_s / pg.copy_rows_per_s * 1000.0).round() / 1000.0,
+        );
+    }
+    if wanted("e2e") {
+        let x = bench_e2e(&args, args.e2e_events)?;
+        figures.insert(
+            "producer_events_per_s".into(),
+            x.producer_events_per_s.round(),
+        );
+        figures.insert(
+            "e2e_vs_ceiling".into(),
+            (x.processor_events_per_s / x.ceiling_events_per_s * 1000.0).round() / 1000.0,
+        );
+        notes.push(format!(
+            "e2e: {} records; processor {:.0} events/s ({:.0} per CPU-s of the whole process), plain consumer+decode {:.0} events/s",
+            x.records, x.processor_events_per_s, x.processor_events_per_cpu_s, x.ceiling_events_per_s
+        ));
+        if let Some(q) = &x.quix {
+            if let Some(theirs) = q
+                .get("events_per_cpu_s")
+                .and_then(serde_json::Value::as_f64)
+            {
+                figures.insert(
+                    "vs_quixstreams".into(),
+                    (x.processor_events_per_cpu_s / theirs * 10.0).round() / 10.0,
+                );
+                notes.push(format!(
+                    "vs_quixstreams: adstream {:.0} events per CPU-s (the full job: 3-way join, ad-metrics, campaign-ctr, alerts, side outputs) / Quix Streams {theirs:.0} (impression-click join, campaign CTR), same topics; Quix run: {q}",
+                    x.processor_events_per_cpu_s
+                ));
+            }
+        }
+    }
+
+    for path in &args.merge {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        if let Some(obj) = v.as_object() {
+            for (k, v) in obj {
+                if let Some(n) = v.as_f64() {
+                    figures.insert(k.clone(), n);
+                }
+            }
+        }
+    }
+
+    std::fs::create_dir_all(&args.out_dir)?;
+    let json = serde_json::to_string_pretty(&figures)?;
+    std::fs::write(args.out_dir.join("results.json"), json + "\n")?;
+    let targets: BTreeMap<&str, &str> = [
+        ("engine_events_per_s_per_core", "≥ 1 500 000"),
+        ("e2e_vs_ceiling", "≥ 0.70"),
+        ("vs_quixstreams", "≥ 10"),
+        ("vs_pyflink", "≥ 3"),
+        ("state_bytes_per_impression", "≤ 96"),
+        ("emit_latency_p99_ms", "≤ 250"),
+        ("recovery_s", "≤ 10"),
+        ("pg_sink_vs_copy", "≥ 0.80"),
+        ("producer_events_per_s", "report"),
+    ]
+    .into_iter()
+    .collect();
+    let mut md = format!(
+        "# adstream benchmarks\n\n- date: {}\n- machine: {} CPUs, {}\n- command: `{}`{}\n\n| figure | value | target |\n|---|---|---|\n",
+        started.format("%Y-%m-%d %H:%M UTC"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+            .unwrap_or_default(),
+        std::env::args().collect::<Vec<_>>().join(" "),
+        if args.smoke { " (smoke: tiny sizes, figures not meaningful)" } else { "" },
+    );
+    for (k, target) in &targets {
+        match figures.get(*k) {
+            Some(v) => md.push_str(&format!("| `{k}` | {v} | {target} |\n")),
+            None => md.push_str(&format!(
+                "| `{k}` | not measured (see notes) | {target} |\n"
+            )),
+        }
+    }
+    md.push_str("\n## Notes\n\n");
+    for n in &notes {
+        md.push_str(&format!("- {n}\n"));
+    }
+    std::fs::write(args.out_dir.join("results.md"), md)?;
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
+}
