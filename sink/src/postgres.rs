@@ -169,6 +169,7 @@ const ALERT_TYPES: [Type; 12] = [
 ];
 
 const STAGING: &str = "
+    SET client_min_messages = warning;
     CREATE TEMP TABLE IF NOT EXISTS stage_ad_metrics (LIKE ad_metrics) ON COMMIT DELETE ROWS;
     CREATE TEMP TABLE IF NOT EXISTS stage_campaign_ctr (LIKE campaign_ctr) ON COMMIT DELETE ROWS;
     CREATE TEMP TABLE IF NOT EXISTS stage_anomaly_alerts (LIKE anomaly_alerts) ON COMMIT DELETE ROWS;";
@@ -362,6 +363,19 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
     Ok(())
 }
 
+/// Waits for a batch being written and counts it.
+async fn finish(
+    handle: tokio::task::JoinHandle<Result<usize, SinkError>>,
+    status: &SinkStatus,
+) -> Result<(), SinkError> {
+    let rows = handle
+        .await
+        .map_err(|e| SinkError::Pool(format!("batch writer task: {e}")))??;
+    status.rows_loaded.fetch_add(rows as u64, Ordering::Relaxed);
+    status.batches.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
 /// Sends an undecodable result record to the dead-letter topic with its
 /// provenance and reason, and waits for the broker's acknowledgement (before
 /// the batch that covers its offset can commit).
@@ -499,22 +513,33 @@ pub async fn run(
     let mut resume = ResumeGuard::new(stored);
 
     let mut batch = Batch::default();
+    let mut in_flight: Option<tokio::task::JoinHandle<Result<usize, SinkError>>> = None;
     loop {
         resume
             .check(&consumer)
             .map_err(kafka("seeking to the partition start"))?;
+        if let Some(done) = in_flight.take_if(|h| h.is_finished()) {
+            finish(done, status).await?;
+        }
         let stopping = stop.load(Ordering::Relaxed);
         let due = batch.started.is_some_and(|s| s.elapsed() >= opts.linger);
         if stopping || due || batch.records >= opts.batch_size {
+            // One batch is written while the next fills; batches commit in
+            // order because the next starts only after the previous commits.
+            if let Some(previous) = in_flight.take() {
+                finish(previous, status).await?;
+            }
             if batch.records > 0 {
-                flush(&pool, &opts.consumer, &batch).await?;
-                status
-                    .rows_loaded
-                    .fetch_add(batch.rows() as u64, Ordering::Relaxed);
-                status.batches.fetch_add(1, Ordering::Relaxed);
-                batch = Batch::default();
+                let full = std::mem::take(&mut batch);
+                let (pool, consumer) = (pool.clone(), opts.consumer.clone());
+                in_flight = Some(tokio::spawn(async move {
+                    flush(&pool, &consumer, &full).await.map(|()| full.rows())
+                }));
             }
             if stopping {
+                if let Some(last) = in_flight.take() {
+                    finish(last, status).await?;
+                }
                 return Ok(());
             }
         }
