@@ -90,7 +90,7 @@ test: bootstrap
 	$(CARGO) build --workspace --locked --all-targets; \
 	scripts/with-stack.sh bash -c '$(CARGO) test --workspace --locked -- --test-threads=2 && \
 	  echo "== bench harness, smoke sizes (figures not meaningful)" && \
-	  RUST_LOG=warn $(CARGO) run --locked -q -p adstream-bench -- --smoke --out-dir target/bench-smoke -X session.timeout.ms=6000'; \
+	  RUST_LOG=warn $(CARGO) run --locked -q -p adstream-bench -- --smoke --out-dir target/bench-smoke'; \
 	echo "make test: all passed in $$(( $$(date +%s) - start )) s"
 
 # Every benchmark of bench/README.md in one run: bench/results.json and bench/results.md.
@@ -99,7 +99,7 @@ bench: bootstrap stack-up
 	bash bench/peers/install.sh
 	@eval "$$(scripts/stack.sh env)"; ./target/release/adstream-bench --out-dir bench \
 	  --quix-python "$${ADSTREAM_BENCH_VENV:-$$HOME/.cache/adstream/venv-bench}/bin/python" \
-	  -X session.timeout.ms=6000 $(BENCH_ARGS)
+	  $(BENCH_ARGS)
 	@cat bench/results.md
 
 clean:

@@ -70,6 +70,10 @@ struct Args {
     /// Partitions of the benchmark topics.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
+    /// Object store for the storage figure (s3://bucket/path; AWS_* variables
+    /// as for the sink); without it the figure is skipped.
+    #[arg(long, env = "OBJECT_STORE_URL")]
+    store_url: Option<String>,
     /// Python of the peers' venv (bench/peers/install.sh); when given, the
     /// Quix Streams job runs on the same topics after the processor.
     #[arg(long)]
@@ -293,6 +297,8 @@ struct E2eFigures {
     processor_events_per_s: f64,
     processor_events_per_cpu_s: f64,
     quix: Option<serde_json::Value>,
+    /// Records/s, records and objects written by the object-storage loader.
+    storage: Option<(f64, u64, u64)>,
     ceiling_events_per_s: f64,
     records: u64,
 }
@@ -425,6 +431,59 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
     let processor_cpu_s = (cpu_at_done - cpu_at_assign).as_secs_f64();
     eprintln!("processor: {records} records in {processor_s:.2} s, {processor_cpu_s:.2} CPU-s");
 
+    // The object-storage loader on every input and result record of the run.
+    let results = {
+        let st = status.snapshot().stats;
+        st.ad_metric_rows + st.campaign_rows + st.alerts
+    };
+    let storage = match &args.store_url {
+        None => None,
+        Some(url) => {
+            let opts = adstream_sink::objects::ObjectOptions {
+                bootstrap: args.kafka.bootstrap_servers.clone(),
+                registry_url: args.kafka.schema_registry_url.clone(),
+                overrides: args.kafka.rdkafka.clone(),
+                topic_prefix: p.clone(),
+                store_url: format!("{}/{}", url.trim_end_matches('/'), p.trim_end_matches('.')),
+                consumer: format!("{p}s3"),
+                max_records: 100_000,
+                max_bytes: 32 << 20,
+                max_open: Duration::from_secs(1),
+                compression: adstream_sink::ocf::Compression::Deflate,
+            };
+            let want = records + results;
+            let stop = AtomicBool::new(false);
+            let st = adstream_sink::objects::ObjectStatus::default();
+            let t0 = Instant::now();
+            let mut took = None;
+            std::thread::scope(|s| -> anyhow::Result<()> {
+                let worker =
+                    s.spawn(|| rt.block_on(adstream_sink::objects::run(&opts, &stop, &st)));
+                while !worker.is_finished() && took.is_none() {
+                    if st.records.load(std::sync::atomic::Ordering::Relaxed) >= want {
+                        took = Some(t0.elapsed());
+                    }
+                    if t0.elapsed() > Duration::from_secs(600) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("storage loader panicked"))??;
+                Ok(())
+            })?;
+            let took = took.context("the storage loader did not store every record")?;
+            let objects = st.objects.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "storage: {want} records in {objects} objects in {:.2} s",
+                took.as_secs_f64()
+            );
+            Some((want as f64 / took.as_secs_f64(), want, objects))
+        }
+    };
+
     let quix = match &args.quix_python {
         None => None,
         Some(python) => {
@@ -456,6 +515,7 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
         processor_events_per_s: records as f64 / processor_s,
         processor_events_per_cpu_s: records as f64 / processor_cpu_s.max(1e-9),
         quix,
+        storage,
         ceiling_events_per_s: records as f64 / ceiling_s,
         records,
     })
@@ -517,6 +577,12 @@ fn main() -> anyhow::Result<()> {
             "e2e: {} records; processor {:.0} events/s ({:.0} per CPU-s of the whole process), plain consumer+decode {:.0} events/s",
             x.records, x.processor_events_per_s, x.processor_events_per_cpu_s, x.ceiling_events_per_s
         ));
+        if let Some((rate, n, objects)) = x.storage {
+            figures.insert("storage_records_per_s".into(), rate.round());
+            notes.push(format!(
+                "storage: the object-storage loader wrote {n} records (inputs and results of the e2e run) as {objects} Avro objects into moto S3 at {rate:.0} records/s"
+            ));
+        }
         if let Some(q) = &x.quix {
             if let Some(theirs) = q
                 .get("events_per_cpu_s")
@@ -561,6 +627,7 @@ fn main() -> anyhow::Result<()> {
         ("recovery_s", "≤ 10"),
         ("pg_sink_vs_copy", "≥ 0.80"),
         ("producer_events_per_s", "report"),
+        ("storage_records_per_s", "report"),
     ]
     .into_iter()
     .collect();

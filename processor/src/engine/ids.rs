@@ -10,7 +10,9 @@
 //! devices), so each distinct value is stored once and the full ad-metrics
 //! grain is interned to a `GrainId`.
 
-use hashbrown::HashMap;
+use std::hash::BuildHasher as _;
+
+use hashbrown::HashTable;
 
 /// A 128-bit id key.
 pub type IdKey = u128;
@@ -35,23 +37,31 @@ pub struct Grain {
 }
 
 /// Interns strings and grains; ids are stable for the engine's life.
+///
+/// Each string and each grain is stored once: the hash tables hold only
+/// indices into `values` and `grain_parts` and hash what those point to
+/// (a map keyed by the values would store every one twice).
 #[derive(Default)]
 pub struct Interner {
-    strings: HashMap<Box<str>, u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+    strings: HashTable<u32>,
     values: Vec<Box<str>>,
-    grains: HashMap<[u32; 6], GrainId>,
+    grains: HashTable<GrainId>,
     grain_parts: Vec<[u32; 6]>,
 }
 
 impl Interner {
     fn intern(&mut self, s: &str) -> u32 {
-        if let Some(&id) = self.strings.get(s) {
+        let hash = self.hasher.hash_one(s);
+        let values = &self.values;
+        if let Some(&id) = self.strings.find(hash, |&i| &*values[i as usize] == s) {
             return id;
         }
         let id = self.values.len() as u32;
-        let boxed: Box<str> = s.into();
-        self.values.push(boxed.clone());
-        self.strings.insert(boxed, id);
+        self.values.push(s.into());
+        let (values, hasher) = (&self.values, &self.hasher);
+        self.strings
+            .insert_unique(hash, id, |&i| hasher.hash_one(&*values[i as usize]));
         id
     }
 
@@ -73,12 +83,16 @@ impl Interner {
             self.intern(ip_range),
             self.intern(device_type),
         ];
-        if let Some(&g) = self.grains.get(&parts) {
+        let hash = self.hasher.hash_one(parts);
+        let all = &self.grain_parts;
+        if let Some(&g) = self.grains.find(hash, |&g| all[g as usize] == parts) {
             return g;
         }
         let g = self.grain_parts.len() as GrainId;
         self.grain_parts.push(parts);
-        self.grains.insert(parts, g);
+        let (all, hasher) = (&self.grain_parts, &self.hasher);
+        self.grains
+            .insert_unique(hash, g, |&i| hasher.hash_one(all[i as usize]));
         g
     }
 
