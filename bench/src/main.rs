@@ -450,6 +450,7 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
                 max_bytes: 32 << 20,
                 max_open: Duration::from_secs(1),
                 compression: adstream_sink::ocf::Compression::Deflate,
+                multipart_above: 16 << 20,
             };
             let want = records + results;
             let stop = AtomicBool::new(false);

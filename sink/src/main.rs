@@ -81,6 +81,9 @@ struct S3Load {
     /// Block compression of the Avro files.
     #[arg(long, value_enum, default_value_t = Compression::Deflate)]
     compression: Compression,
+    /// Objects larger than this many bytes are uploaded in 8 MiB parts.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    multipart_above: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +146,7 @@ fn s3_options(kafka: &KafkaArgs, s3: S3Load) -> ObjectOptions {
         max_bytes: s3.max_bytes.max(1),
         max_open: s3.max_open,
         compression: s3.compression,
+        multipart_above: s3.multipart_above,
     }
 }
 

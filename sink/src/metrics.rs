@@ -70,6 +70,12 @@ pub fn render(pg: Option<&SinkStatus>, s3: Option<&ObjectStatus>) -> String {
         );
         counter(
             &mut registry,
+            "storage_multipart_objects",
+            "Objects uploaded in parts",
+            &s3.multipart,
+        );
+        counter(
+            &mut registry,
             "storage_cleaned_objects",
             "Objects of uncommitted segments deleted at start",
             &s3.cleaned,

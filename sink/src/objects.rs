@@ -56,8 +56,8 @@ use crate::resume::ResumeGuard;
 /// Writer schema of the files under `raw-invalid/`.
 pub const INVALID_SCHEMA: &str = r#"{"type":"record","name":"InvalidRecord","namespace":"adstream.sink","doc":"A Kafka record that could not be decoded, kept as its raw bytes.","fields":[{"name":"topic","type":"string"},{"name":"partition","type":"int"},{"name":"offset","type":"long"},{"name":"timestamp","type":["null",{"type":"long","logicalType":"timestamp-millis"}]},{"name":"key","type":["null","bytes"]},{"name":"value","type":["null","bytes"]},{"name":"reason","type":"string"}]}"#;
 
-/// Files larger than this are uploaded in parts.
-const MULTIPART_ABOVE: usize = 16 * 1024 * 1024;
+/// Size of the parts of a multipart upload (S3's minimum is 5 MiB, except
+/// for the last part).
 const PART_BYTES: usize = 8 * 1024 * 1024;
 const HOUR_MS: i64 = 3_600_000;
 
@@ -75,6 +75,8 @@ pub struct ObjectOptions {
     pub max_bytes: u64,
     pub max_open: Duration,
     pub compression: Compression,
+    /// Objects larger than this are uploaded in parts.
+    pub multipart_above: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +120,8 @@ pub struct ObjectStatus {
     pub segments: AtomicU64,
     /// Objects of uncommitted segments deleted at start.
     pub cleaned: AtomicU64,
+    /// Objects uploaded in parts.
+    pub multipart: AtomicU64,
 }
 
 /// Opens the store named by `url`. S3 settings (endpoint, credentials,
@@ -346,7 +350,7 @@ impl Loader<'_> {
     }
 
     async fn put(&self, path: &Path, bytes: Vec<u8>) -> Result<(), ObjectSinkError> {
-        if bytes.len() <= MULTIPART_ABOVE {
+        if bytes.len() <= self.opts.multipart_above {
             self.store
                 .put(path, PutPayload::from(bytes))
                 .await
@@ -360,6 +364,7 @@ impl Loader<'_> {
             .map_err(store(format!("starting the upload of {path}")))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         writer.write(&bytes);
+        self.status.multipart.fetch_add(1, Ordering::Relaxed);
         writer
             .finish()
             .await

@@ -906,6 +906,8 @@ fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
         max_bytes: 1 << 30,
         max_open: Duration::from_secs(1),
         compression: adstream_sink::ocf::Compression::Deflate,
+        // Every object above 2 KiB goes through the multipart upload path.
+        multipart_above: 2048,
     };
     let stop = AtomicBool::new(false);
     let status = adstream_sink::objects::ObjectStatus::default();
