@@ -52,7 +52,7 @@ demo: build stack-up
 	echo "== top campaigns by CTR in the last hour of traffic (PostgreSQL, sink/queries.sql)"; \
 	psql "$$DATABASE_URL" -c "$$(awk '/^-- name: top_campaigns_by_ctr_last_hour/{f=1;next} /^-- name:/{f=0} f' sink/queries.sql)"; \
 	echo "== objects written to storage ($$store)"; \
-	./target/release/adstream-sink ls --store-url "$$store" | awk '{ if (NR <= 12) print; n = $$0 } END { print "   ..."; print n }'; \
+	./target/release/adstream-sink ls --store-url "$$store" | grep -v '/_sink/' | awk '{ if (NR <= 12) print; n = $$0 } END { print "   ..."; print n " (incl. the loader'"'"'s _sink/ intents)" }'; \
 	echo "== alerts (PostgreSQL)"; \
 	psql "$$DATABASE_URL" -c "SELECT alert_id, round(value::numeric,4) AS value, round(baseline::numeric,4) AS baseline, round(score::numeric,1) AS score FROM anomaly_alerts ORDER BY time"; \
 	echo "== a few campaign-ctr rollups"; ./target/release/adstream-admin peek --topic campaign-ctr --count 5; \

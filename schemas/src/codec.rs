@@ -11,7 +11,6 @@
 //! compatible schema still decode (added fields take their serde defaults).
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::sync::{Arc, RwLock};
 
 use schema_registry_converter::async_impl::schema_registry::{
@@ -408,7 +407,8 @@ fn decode_body<T: AvroRecord>(
             found: writer.full_name.clone(),
         });
     }
-    let mut state = serde_avro_fast::de::DeserializerState::from_reader(body, &writer.schema);
+    // Slice input: faster than a reader, and strings are copied once.
+    let mut state = serde_avro_fast::de::DeserializerState::from_slice(body, &writer.schema);
     let value = serde::Deserialize::deserialize(state.deserializer()).map_err(|e| {
         CodecError::CorruptBody {
             id,
@@ -416,13 +416,13 @@ fn decode_body<T: AvroRecord>(
         }
     })?;
     // A well-formed body is consumed exactly; leftovers mean corruption or a
-    // payload written with a different schema under the same id.
-    let mut rest = state.into_reader().into_inner();
-    let left = rest.fill_buf().map(|b| b.len()).unwrap_or(0);
-    if left > 0 {
+    // payload written with a different schema under the same id. (Skipping
+    // one more byte succeeds only if one is left.)
+    let mut rest = state.into_reader();
+    if serde_avro_fast::de::read::Read::skip_bytes(&mut rest, 1).is_ok() {
         return Err(CodecError::CorruptBody {
             id,
-            reason: format!("{left} bytes left over after the record"),
+            reason: "bytes left over after the record".to_owned(),
         });
     }
     Ok(value)
@@ -636,7 +636,7 @@ pub(crate) mod tests {
         buf.extend_from_slice(&[1, 2, 3]);
         let err = codec.decode_cached::<Click>(&buf).unwrap_err();
         assert!(
-            matches!(&err, CodecError::CorruptBody { reason, .. } if reason.contains("3 bytes left")),
+            matches!(&err, CodecError::CorruptBody { reason, .. } if reason.contains("left over")),
             "{err}"
         );
     }
