@@ -456,13 +456,18 @@ impl Engine {
             cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
             // Campaign is the first grain dimension: its cells are adjacent.
             let mut campaigns: Vec<(u32, Measures)> = Vec::new();
-            self.outputs.reserve(cells.len() + 8);
+            for (g, m) in &cells {
+                let c = interner.parts(*g)[0];
+                match campaigns.last_mut() {
+                    Some((last, acc)) if *last == c => acc.merge(m),
+                    _ => campaigns.push((c, *m)),
+                }
+            }
+            // Rows, campaign rows and (rare) alerts: grow the output buffer
+            // once, not by doubling a large buffer of large values.
+            self.outputs.reserve(cells.len() + 2 * campaigns.len() + 4);
             for (g, m) in &cells {
                 let p = interner.parts(*g);
-                match campaigns.last_mut() {
-                    Some((c, acc)) if *c == p[0] => acc.merge(m),
-                    _ => campaigns.push((p[0], *m)),
-                }
                 self.stats.ad_metric_rows += 1;
                 let s = |i: usize| interner.string(p[i]).to_owned();
                 self.outputs.push(Output::AdMetric(AdMetric {
