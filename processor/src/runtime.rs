@@ -72,6 +72,24 @@ pub enum RuntimeError {
     Schema(#[from] CodecError),
     #[error("{failed} output records were not acknowledged (first error: {first}); offsets not committed")]
     Undelivered { failed: u64, first: String },
+    #[error(
+        "consumer group {group} already has {members} member(s): another processor instance is \
+         running. This version computes campaign rollups in one instance owning every input \
+         partition (scale-out is not built yet, see processor/DESIGN-exactly-once.md); a second \
+         instance would split partitions and write partial rollups. Stop the other instance or \
+         use another --group-id"
+    )]
+    GroupBusy { group: String, members: usize },
+    #[error(
+        "this instance was assigned {owned} of the {total} input partitions of group {group}: \
+         another instance joined. Stopping rather than writing partial rollups (scale-out is \
+         not built yet, see processor/DESIGN-exactly-once.md)"
+    )]
+    PartialAssignment {
+        group: String,
+        owned: usize,
+        total: usize,
+    },
 }
 
 fn kafka(context: &str) -> impl FnOnce(KafkaError) -> RuntimeError + '_ {
@@ -200,6 +218,8 @@ struct Shell<'a> {
     producer: ThreadedProducer<Acks>,
     engine: Engine,
     partitions: HashMap<InputPartition, PartitionRt>,
+    /// Input partitions of the three topics together; one instance owns them all.
+    input_partitions: usize,
     positions: HashMap<(usize, i32), i64>,
     buf: Vec<u8>,
     commits: u64,
@@ -277,7 +297,8 @@ pub fn run(
     let producer: ThreadedProducer<Acks> = pc
         .create_with_context(Acks::default())
         .map_err(kafka("creating the producer"))?;
-    check_co_partitioned(&consumer, &topics.inputs)?;
+    let partitions_per_topic = check_co_partitioned(&consumer, &topics.inputs)?;
+    wait_for_empty_group(&consumer, &opts.group_id, &opts.overrides, stop)?;
     let refs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
     consumer
         .subscribe(&refs)
@@ -294,6 +315,7 @@ pub fn run(
         consumer,
         producer,
         partitions: HashMap::new(),
+        input_partitions: 3 * partitions_per_topic,
         positions: HashMap::new(),
         buf: Vec::with_capacity(256),
         commits: 0,
@@ -343,10 +365,11 @@ fn send_result<T: AvroRecord>(
     )
 }
 
+/// Checks the input topics' partition counts are equal; returns the count.
 fn check_co_partitioned(
     consumer: &BaseConsumer<GroupContext>,
     inputs: &[String; 3],
-) -> Result<(), RuntimeError> {
+) -> Result<usize, RuntimeError> {
     let mut counts = Vec::new();
     for t in inputs {
         let md = consumer
@@ -365,7 +388,53 @@ fn check_co_partitioned(
         let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
         return Err(RuntimeError::NotCoPartitioned(listed.join(", ")));
     }
-    Ok(())
+    Ok(counts[0].1)
+}
+
+/// Waits until consumer group `group` has no members (a crashed instance
+/// leaves once its session times out), or fails with [`RuntimeError::GroupBusy`].
+/// A broker that cannot describe groups is not an error: the partial
+/// assignment check still stops a second instance.
+fn wait_for_empty_group(
+    consumer: &BaseConsumer<GroupContext>,
+    group: &str,
+    overrides: &[(String, String)],
+    stop: &AtomicBool,
+) -> Result<(), RuntimeError> {
+    let session_ms: u64 = overrides
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "session.timeout.ms")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(45_000);
+    let deadline = Instant::now() + Duration::from_millis(session_ms) + Duration::from_secs(5);
+    loop {
+        let members = match consumer.fetch_group_list(Some(group), Duration::from_secs(10)) {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .find(|g| g.name() == group)
+                .map_or(0, |g| g.members().len()),
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "cannot describe the consumer group; skipping the single-instance check");
+                return Ok(());
+            }
+        };
+        if members == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::GroupBusy {
+                group: group.to_owned(),
+                members,
+            });
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        tracing::info!(%group, members, "waiting for the group's previous members to leave");
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 impl Shell<'_> {
@@ -414,7 +483,7 @@ impl Shell<'_> {
                     self.produce_outputs()?;
                 }
             }
-            self.handle_rebalances();
+            self.handle_rebalances()?;
             if last_check.elapsed() >= Duration::from_millis(200) {
                 last_check = Instant::now();
                 self.check_idle_and_drift();
@@ -462,7 +531,7 @@ impl Shell<'_> {
         }
     }
 
-    fn handle_rebalances(&mut self) {
+    fn handle_rebalances(&mut self) -> Result<(), RuntimeError> {
         let events = std::mem::take(
             &mut *self
                 .consumer
@@ -492,6 +561,13 @@ impl Shell<'_> {
                         );
                     }
                     tracing::info!(partitions = self.partitions.len(), "partitions assigned");
+                    if self.partitions.len() < self.input_partitions {
+                        return Err(RuntimeError::PartialAssignment {
+                            group: self.opts.group_id.clone(),
+                            owned: self.partitions.len(),
+                            total: self.input_partitions,
+                        });
+                    }
                 }
                 RebalanceEvent::Revoked(list) => {
                     for (t, partition) in list {
@@ -511,6 +587,7 @@ impl Shell<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     /// High watermark librdkafka last saw for a partition (no broker request).
