@@ -10,12 +10,12 @@ use futures_util::pin_mut;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 use adstream_schemas::config::KafkaArgs;
 use adstream_schemas::{AdMetric, Codec};
-use adstream_sink::postgres::{PgOptions, SinkStatus};
+use adstream_sink::postgres::{PgOptions, SinkStatus, METRIC_TYPES};
 
 pub struct PgFigures {
     pub rows: u64,
@@ -93,31 +93,13 @@ async fn fresh_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(db_url)
 }
 
-const TYPES: [Type; 15] = [
-    Type::TIMESTAMPTZ,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-];
-
 async fn raw_copy(db_url: &str, rows: &[AdMetric]) -> anyhow::Result<Duration> {
     let (mut client, conn) = tokio_postgres::connect(db_url, NoTls).await?;
     tokio::spawn(conn);
     let t0 = Instant::now();
     let tx = client.transaction().await?;
     let sink = tx.copy_in("COPY ad_metrics FROM STDIN BINARY").await?;
-    let writer = BinaryCopyInWriter::new(sink, &TYPES);
+    let writer = BinaryCopyInWriter::new(sink, &METRIC_TYPES);
     pin_mut!(writer);
     for m in rows {
         let (s, e) = (ts(m.window_start), ts(m.window_end));

@@ -124,7 +124,8 @@ impl Batch {
     }
 }
 
-const METRIC_TYPES: [Type; 15] = [
+/// Column types of `ad_metrics`, in table order (for binary `COPY`).
+pub const METRIC_TYPES: [Type; 15] = [
     Type::TIMESTAMPTZ,
     Type::TIMESTAMPTZ,
     Type::TEXT,

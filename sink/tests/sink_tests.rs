@@ -157,6 +157,23 @@ fn object_store_url(prefix: &str) -> String {
     format!("s3://adstream/{}", prefix.trim_end_matches('.'))
 }
 
+/// Every record of the input and result topics under `prefix` (what storage
+/// must hold), keyed by (contract topic name, partition, offset).
+fn stored_topics(stack: &Stack, prefix: &str) -> HashMap<(String, i32, i64), Consumed> {
+    let names: Vec<String> = adstream_schemas::topics::INPUTS
+        .iter()
+        .chain(&adstream_schemas::topics::RESULTS)
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    read_all(&stack.bootstrap, &names, None, Duration::from_secs(3))
+        .into_iter()
+        .map(|c| {
+            let contract = c.topic.strip_prefix(prefix).expect("prefixed").to_owned();
+            ((contract, c.partition, c.offset), c)
+        })
+        .collect()
+}
+
 /// Hive folder `dt=…/hour=…` of a time in ms.
 fn hive(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
@@ -432,19 +449,7 @@ fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
     .expect("processor");
 
     // What storage must hold: every record of the input and result topics.
-    let names: Vec<String> = adstream_schemas::topics::INPUTS
-        .iter()
-        .chain(&adstream_schemas::topics::RESULTS)
-        .map(|t| format!("{prefix}{t}"))
-        .collect();
-    let kafka: HashMap<(String, i32, i64), Consumed> =
-        read_all(&stack.bootstrap, &names, None, Duration::from_secs(3))
-            .into_iter()
-            .map(|c| {
-                let contract = c.topic.strip_prefix(&prefix).expect("prefixed").to_owned();
-                ((contract, c.partition, c.offset), c)
-            })
-            .collect();
+    let kafka = stored_topics(&stack, &prefix);
     let store_url = object_store_url(&prefix);
     let s3_group = format!("{prefix}s3");
 
@@ -843,19 +848,7 @@ fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
         &AtomicBool::new(false),
     )
     .expect("producer");
-    let names: Vec<String> = adstream_schemas::topics::INPUTS
-        .iter()
-        .chain(&adstream_schemas::topics::RESULTS)
-        .map(|t| format!("{prefix}{t}"))
-        .collect();
-    let kafka: HashMap<(String, i32, i64), Consumed> =
-        read_all(&stack.bootstrap, &names, None, Duration::from_secs(3))
-            .into_iter()
-            .map(|c| {
-                let contract = c.topic.strip_prefix(&prefix).expect("prefixed").to_owned();
-                ((contract, c.partition, c.offset), c)
-            })
-            .collect();
+    let kafka = stored_topics(&stack, &prefix);
     assert!(kafka.len() >= 3_000);
 
     // What a run that died between writing a segment's objects and
