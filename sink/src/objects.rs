@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
@@ -567,18 +566,8 @@ pub async fn run(
 ) -> Result<(), ObjectSinkError> {
     let (store, root) = open_store(&opts.store_url)?;
     let codec = Codec::new(&opts.registry_url)?;
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &opts.bootstrap)
-        .set("group.id", &opts.consumer)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100");
-    for (k, v) in &opts.overrides {
-        cc.set(k, v);
-    }
-    let consumer: StreamConsumer = cc.create().map_err(kafka("creating the consumer"))?;
+    let consumer = crate::kafka::consumer(&opts.bootstrap, &opts.consumer, &opts.overrides)
+        .map_err(kafka("creating the consumer"))?;
 
     let mut sources = HashMap::new();
     let mut all = TopicPartitionList::new();
@@ -588,16 +577,11 @@ pub async fn run(
         .chain(topics::RESULTS.iter().map(|t| (*t, Area::Metrics)))
     {
         let name = format!("{}{contract}", opts.topic_prefix);
-        let md = consumer
-            .fetch_metadata(Some(&name), Duration::from_secs(15))
-            .map_err(kafka("fetching metadata"))?;
-        let topic = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == name && m.error().is_none() && !m.partitions().is_empty())
+        let partitions = crate::kafka::partitions(&consumer, &name)
+            .map_err(kafka("fetching metadata"))?
             .ok_or_else(|| ObjectSinkError::MissingTopic(name.clone()))?;
-        for p in topic.partitions() {
-            all.add_partition(&name, p.id());
+        for p in partitions {
+            all.add_partition(&name, p);
         }
         sources.insert(name, Source { contract, area });
     }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use deadpool_postgres::{Manager, Pool};
 use futures_util::pin_mut;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -442,17 +442,8 @@ pub async fn run(
     ]
     .map(|t| format!("{}{t}", opts.topic_prefix));
 
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &opts.bootstrap)
-        .set("group.id", &opts.consumer)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100");
-    for (k, v) in &opts.overrides {
-        cc.set(k, v);
-    }
-    let consumer: StreamConsumer = cc.create().map_err(kafka("creating the consumer"))?;
+    let consumer = crate::kafka::consumer(&opts.bootstrap, &opts.consumer, &opts.overrides)
+        .map_err(kafka("creating the consumer"))?;
     let mut pc = ClientConfig::new();
     pc.set("bootstrap.servers", &opts.bootstrap)
         .set("enable.idempotence", "true")
@@ -486,19 +477,14 @@ pub async fn run(
     drop(client);
     let mut tpl = TopicPartitionList::new();
     for t in &names {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(15))
-            .map_err(kafka("fetching metadata"))?;
-        let topic = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == t && m.error().is_none() && !m.partitions().is_empty())
+        let partitions = crate::kafka::partitions(&consumer, t)
+            .map_err(kafka("fetching metadata"))?
             .ok_or_else(|| SinkError::MissingTopic(t.clone()))?;
-        for p in topic.partitions() {
+        for p in partitions {
             let offset = stored
-                .get(&(t.clone(), p.id()))
+                .get(&(t.clone(), p))
                 .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            tpl.add_partition_offset(t, p.id(), offset)
+            tpl.add_partition_offset(t, p, offset)
                 .map_err(kafka("building the assignment"))?;
         }
     }

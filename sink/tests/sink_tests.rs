@@ -157,6 +157,44 @@ fn object_store_url(prefix: &str) -> String {
     format!("s3://adstream/{}", prefix.trim_end_matches('.'))
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Sends `events` generated events to the input topics under `prefix`,
+/// recording them to `record` when given.
+fn produce(
+    stack: &Stack,
+    prefix: &str,
+    generator: GeneratorConfig,
+    events: u64,
+    record: Option<std::path::PathBuf>,
+) {
+    run_producer(
+        RunOptions {
+            generator,
+            events: Some(events),
+            duration: None,
+            rate: None,
+            target: Target::Kafka {
+                bootstrap: stack.bootstrap.clone(),
+                registry_url: stack.registry_url.clone(),
+                overrides: Vec::new(),
+                topic_prefix: prefix.to_owned(),
+            },
+            record,
+            episodes_out: None,
+            progress_every: Duration::from_secs(3600),
+        },
+        &AtomicBool::new(false),
+    )
+    .expect("producer");
+}
+
 /// Every record of the input and result topics under `prefix` (what storage
 /// must hold), keyed by (contract topic name, partition, offset).
 fn stored_topics(stack: &Stack, prefix: &str) -> HashMap<(String, i32, i64), Consumed> {
@@ -381,39 +419,23 @@ fn committed_past_all(
 fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
     const EVENTS: u64 = 150_000;
     let stack = Stack::from_env();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let prefix = unique_prefix("sink");
     rt.block_on(stack.create_topics(&prefix, 3));
     let db_url = rt.block_on(fresh_database(&prefix));
     let dir = tempfile::tempdir().expect("tempdir");
     let recording = dir.path().join("sent.jsonl");
-    run_producer(
-        RunOptions {
-            generator: GeneratorConfig {
-                seed: 99,
-                event_rate: 200.0,
-                ..Default::default()
-            },
-            events: Some(EVENTS),
-            duration: None,
-            rate: None,
-            target: Target::Kafka {
-                bootstrap: stack.bootstrap.clone(),
-                registry_url: stack.registry_url.clone(),
-                overrides: Vec::new(),
-                topic_prefix: prefix.clone(),
-            },
-            record: Some(recording.clone()),
-            episodes_out: None,
-            progress_every: Duration::from_secs(3600),
+    produce(
+        &stack,
+        &prefix,
+        GeneratorConfig {
+            seed: 99,
+            event_rate: 200.0,
+            ..Default::default()
         },
-        &AtomicBool::new(false),
-    )
-    .expect("producer");
+        EVENTS,
+        Some(recording.clone()),
+    );
     let oracle_out = dir.path().join("oracle.json");
     let oracle = std::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../oracle/oracle.py"))
@@ -662,11 +684,7 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let stack = Stack::from_env();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let prefix = unique_prefix("sinkdlq");
     rt.block_on(stack.create_topics(&prefix, 1));
     let db_url = rt.block_on(fresh_database(&prefix));
@@ -720,12 +738,7 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
     let handle = {
         let (stop, status) = (stop.clone(), status.clone());
         std::thread::spawn(move || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(adstream_sink::postgres::run(&opts, &stop, &status))
+            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
         })
     };
     let client = rt.block_on(connect(&db_url));
@@ -819,35 +832,19 @@ fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
     use object_store::ObjectStoreExt as _;
     use std::sync::atomic::Ordering;
     let stack = Stack::from_env();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let prefix = unique_prefix("sinkclean");
     rt.block_on(stack.create_topics(&prefix, 1));
-    run_producer(
-        RunOptions {
-            generator: GeneratorConfig {
-                seed: 5,
-                ..Default::default()
-            },
-            events: Some(3_000),
-            duration: None,
-            rate: None,
-            target: Target::Kafka {
-                bootstrap: stack.bootstrap.clone(),
-                registry_url: stack.registry_url.clone(),
-                overrides: Vec::new(),
-                topic_prefix: prefix.clone(),
-            },
-            record: None,
-            episodes_out: None,
-            progress_every: Duration::from_secs(3600),
+    produce(
+        &stack,
+        &prefix,
+        GeneratorConfig {
+            seed: 5,
+            ..Default::default()
         },
-        &AtomicBool::new(false),
-    )
-    .expect("producer");
+        3_000,
+        None,
+    );
     let kafka = stored_topics(&stack, &prefix);
     assert!(kafka.len() >= 3_000);
 

@@ -1,0 +1,39 @@
+//! Kafka plumbing both loaders share: the consumer they read with and the
+//! partitions of the topics they assign themselves.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+
+/// A consumer that reads committed records only and never commits or stores
+/// offsets by itself (each loader keeps its positions its own way).
+pub fn consumer(
+    bootstrap: &str,
+    group: &str,
+    overrides: &[(String, String)],
+) -> Result<StreamConsumer, KafkaError> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "100");
+    for (k, v) in overrides {
+        cc.set(k, v);
+    }
+    cc.create()
+}
+
+/// The partition ids of `topic`, or `None` when the topic does not exist.
+pub fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i32>>, KafkaError> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(15))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|m| m.name() == topic && m.error().is_none() && !m.partitions().is_empty())
+        .map(|m| m.partitions().iter().map(|p| p.id()).collect()))
+}
