@@ -719,6 +719,7 @@ impl Shell<'_> {
                         &alert,
                     )?
                 }
+                Output::Partial(_) => {}
                 Output::Side { kind, raw, reason } => {
                     let topic = match kind {
                         SideKind::Late => &self.topics.late,

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use adstream_processor::engine::rollup::{Mark, PartialMessage, Rollup};
 use adstream_processor::engine::watermark::InputPartition;
 use adstream_processor::engine::{Engine, EngineConfig, Output, SideKind, SourceRef};
 use adstream_schemas::{AvroRecord, Click, Codec, Conversion, Impression};
@@ -233,17 +234,20 @@ fn row(start: i64, dims: &str, m: [i64; 5]) -> String {
     )
 }
 
-/// Runs the engine over `streams` in the interleaving chosen by `order_seed`.
-fn run_engine(streams: &Streams, order_seed: u64) -> (Result, u64) {
-    let cfg = EngineConfig {
+fn config() -> EngineConfig {
+    EngineConfig {
         max_out_of_orderness: OOO,
         allowed_lateness: 0,
         click_window: CLICK_WINDOW,
         conversion_window: CONV_WINDOW,
         window: WINDOW,
         ..Default::default()
-    };
-    let mut engine = Engine::new(cfg, codec());
+    }
+}
+
+/// Runs the engine over `streams` in the interleaving chosen by `order_seed`.
+fn run_engine(streams: &Streams, order_seed: u64) -> (Result, u64) {
+    let mut engine = Engine::new(config(), codec());
     for topic in 0..3u8 {
         for partition in 0..PARTITIONS {
             engine.add_partition(InputPartition { topic, partition });
@@ -282,6 +286,19 @@ fn run_engine(streams: &Streams, order_seed: u64) -> (Result, u64) {
         }
     }
     outputs.extend(engine.take_outputs());
+    let mut res = collect(outputs);
+    let t = engine.stats().total();
+    res.counted = t.counted;
+    res.duplicate = t.duplicate;
+    assert_eq!(t.input, fed);
+    (
+        res,
+        t.input - t.counted - t.late - t.duplicate - t.unmatched - t.dead_letter,
+    )
+}
+
+/// The engine's outputs, as compared with the model (counters not included).
+fn collect(outputs: Vec<Output>) -> Result {
     let mut res = Result::default();
     for o in outputs {
         match o {
@@ -313,6 +330,7 @@ fn run_engine(streams: &Streams, order_seed: u64) -> (Result, u64) {
                 ));
             }
             Output::Alert(_) => {}
+            Output::Partial(_) => panic!("partials never leave a topology"),
             Output::Side { kind, raw, .. } => {
                 let k = (raw.source.topic, raw.source.partition, raw.source.offset);
                 match kind {
@@ -323,14 +341,165 @@ fn run_engine(streams: &Streams, order_seed: u64) -> (Result, u64) {
             }
         }
     }
-    let t = engine.stats().total();
-    res.counted = t.counted;
-    res.duplicate = t.duplicate;
-    assert_eq!(t.input, fed);
-    (
-        res,
-        t.input - t.counted - t.late - t.duplicate - t.unmatched - t.dead_letter,
-    )
+    res
+}
+
+/// Runs the scaled-out topology in one process: one join task per input
+/// partition, `rollups` rollup tasks fed through FIFO channels (one per
+/// task and rollup, delivered in a random interleaving), and, when
+/// `restart_pct` > 0, tasks replaced at random moments by engines restored
+/// from their checkpoints (what a crash and a restore on another instance do).
+fn run_topology(
+    streams: &Streams,
+    order_seed: u64,
+    rollups: usize,
+    restart_pct: u64,
+) -> (Result, u64) {
+    let tasks = PARTITIONS as usize;
+    let mut engines: Vec<Engine> = (0..PARTITIONS)
+        .map(|partition| {
+            let mut e = Engine::new_task(config(), codec());
+            for topic in 0..3u8 {
+                e.add_partition(InputPartition { topic, partition });
+            }
+            e
+        })
+        .collect();
+    let mut rolls: Vec<Rollup> = (0..rollups)
+        .map(|_| Rollup::new(&config(), tasks))
+        .collect();
+    // channels[task][rollup]: messages not yet delivered.
+    let mut channels: Vec<Vec<std::collections::VecDeque<Vec<u8>>>> =
+        vec![vec![Default::default(); rollups]; tasks];
+    let mut rng = Rng(order_seed);
+    let mut outputs = Vec::new();
+    let route =
+        |campaign: &str| (campaign.bytes().map(u64::from).sum::<u64>() % rollups as u64) as usize;
+    let publish = |task: usize,
+                   e: &mut Engine,
+                   channels: &mut Vec<Vec<std::collections::VecDeque<Vec<u8>>>>,
+                   outputs: &mut Vec<Output>| {
+        for o in e.take_outputs() {
+            match o {
+                Output::Partial(p) => {
+                    let r = route(&p.campaign_id);
+                    channels[task][r].push_back(
+                        PartialMessage::Cells {
+                            task: task as u32,
+                            partial: p,
+                        }
+                        .encode(),
+                    );
+                }
+                other => outputs.push(other),
+            }
+        }
+        let mark = PartialMessage::Mark {
+            task: task as u32,
+            mark: Mark {
+                watermark: e.watermark(),
+                idle: e.all_idle(),
+            },
+        }
+        .encode();
+        for ch in channels[task].iter_mut() {
+            ch.push_back(mark.clone());
+        }
+    };
+    let deliver = |channels: &mut Vec<Vec<std::collections::VecDeque<Vec<u8>>>>,
+                   rolls: &mut Vec<Rollup>,
+                   outputs: &mut Vec<Output>,
+                   rng: &mut Rng,
+                   all: bool| {
+        loop {
+            let nonempty: Vec<(usize, usize)> = (0..tasks)
+                .flat_map(|t| (0..rollups).map(move |r| (t, r)))
+                .filter(|(t, r)| !channels[*t][*r].is_empty())
+                .collect();
+            if nonempty.is_empty() || (!all && rng.chance(50)) {
+                return;
+            }
+            let (t, r) = nonempty[rng.below(nonempty.len() as u64) as usize];
+            let bytes = channels[t][r].pop_front().expect("non-empty");
+            rolls[r].on_message(PartialMessage::decode(&bytes).expect("decodes"));
+            outputs.extend(rolls[r].take_outputs());
+        }
+    };
+    let mut cursors: Vec<((u8, i32), usize)> = streams.keys().map(|k| (*k, 0)).collect();
+    let mut fed = 0u64;
+    while !cursors.is_empty() {
+        let pick = rng.below(cursors.len() as u64) as usize;
+        let ((topic, partition), i) = cursors[pick];
+        let r = &streams[&(topic, partition)][i];
+        let value = encode(r);
+        let task = partition as usize;
+        engines[task].on_record(
+            SourceRef {
+                topic,
+                partition,
+                offset: i as i64,
+            },
+            Some(r.key().as_bytes()),
+            Some(&value),
+            None,
+        );
+        fed += 1;
+        publish(task, &mut engines[task], &mut channels, &mut outputs);
+        deliver(&mut channels, &mut rolls, &mut outputs, &mut rng, false);
+        let global = rolls.iter().map(Rollup::global).max().unwrap_or(i64::MIN);
+        for (t, e) in engines.iter_mut().enumerate() {
+            if e.all_idle() {
+                e.on_global_watermark(global);
+                publish(t, e, &mut channels, &mut outputs);
+            }
+        }
+        if restart_pct > 0 && rng.chance(restart_pct) {
+            let cp = engines[task].checkpoint();
+            engines[task] = Engine::restore(config(), codec(), &cp).expect("restores");
+            let r = rng.below(rollups as u64) as usize;
+            rolls[r] = Rollup::restore(&rolls[r].snapshot()).expect("restores");
+        }
+        if i + 1 == streams[&(topic, partition)].len() {
+            cursors.swap_remove(pick);
+        } else {
+            cursors[pick].1 += 1;
+        }
+    }
+    for (task, e) in engines.iter_mut().enumerate() {
+        for topic in 0..3u8 {
+            e.set_idle(
+                InputPartition {
+                    topic,
+                    partition: task as i32,
+                },
+                true,
+            );
+        }
+        publish(task, e, &mut channels, &mut outputs);
+    }
+    // Everything idle: the global watermark reaches the tasks, they flush,
+    // and their raised marks let the rollups close the last windows.
+    for _ in 0..2 {
+        deliver(&mut channels, &mut rolls, &mut outputs, &mut rng, true);
+        let global = rolls.iter().map(Rollup::global).max().unwrap_or(i64::MIN);
+        for (task, e) in engines.iter_mut().enumerate() {
+            e.on_global_watermark(global);
+            publish(task, e, &mut channels, &mut outputs);
+        }
+    }
+    deliver(&mut channels, &mut rolls, &mut outputs, &mut rng, true);
+    let mut res = collect(outputs);
+    let mut input = 0;
+    let mut settled = 0;
+    for e in &engines {
+        let t = e.stats().total();
+        res.counted += t.counted;
+        res.duplicate += t.duplicate;
+        input += t.input;
+        settled += t.counted + t.late + t.duplicate + t.unmatched + t.dead_letter;
+    }
+    assert_eq!(input, fed);
+    (res, input - settled)
 }
 
 /// The reference model: a batch computation straight from CONTRACT.md.
@@ -454,6 +623,24 @@ proptest! {
         prop_assert_eq!(pending_a, want_pending);
         prop_assert_eq!(&got_b, &got_a);
         prop_assert_eq!(pending_b, pending_a);
+    }
+
+    #[test]
+    fn join_tasks_and_rollups_equal_the_model(seed in any::<u64>(), order in any::<u64>(), rollups in 1usize..4) {
+        let streams = generate(seed);
+        let (want, want_pending) = model(&streams);
+        let (got, pending) = run_topology(&streams, order, rollups, 0);
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(pending, want_pending);
+    }
+
+    #[test]
+    fn tasks_restored_from_checkpoints_equal_the_model(seed in any::<u64>(), order in any::<u64>()) {
+        let streams = generate(seed);
+        let (want, want_pending) = model(&streams);
+        let (got, pending) = run_topology(&streams, order, 2, 5);
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(pending, want_pending);
     }
 }
 

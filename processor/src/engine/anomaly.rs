@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use adstream_schemas::AnomalyAlert;
 
 /// Detector parameters (flags of the processor, defaults documented there).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AnomalyConfig {
     /// EWMA weight of the newest window in the baseline sums.
     pub alpha: f64,
@@ -73,7 +73,9 @@ impl Default for AnomalyConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Metric {
     Ctr,
     ConversionRate,
@@ -88,7 +90,7 @@ impl Metric {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Spike,
     Drop,
@@ -103,7 +105,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 struct SeriesState {
     windows: u32,
     /// Whether the baseline has enough history; until then sums are pooled.
@@ -129,7 +131,7 @@ pub struct CampaignWindow<'a> {
 }
 
 /// Per-campaign, per-metric baselines and episodes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AnomalyDetector {
     cfg: AnomalyConfig,
     series: BTreeMap<(String, Metric), SeriesState>,

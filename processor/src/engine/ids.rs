@@ -50,6 +50,38 @@ pub struct Interner {
     grain_parts: Vec<[u32; 6]>,
 }
 
+/// Serialized form of an [`Interner`]: the values and grains in id order
+/// (the hash tables are rebuilt on load, so ids stay the same).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InternerData {
+    values: Vec<Box<str>>,
+    grain_parts: Vec<[u32; 6]>,
+}
+
+impl serde::Serialize for Interner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("InternerData", 2)?;
+        st.serialize_field("values", &self.values)?;
+        st.serialize_field("grain_parts", &self.grain_parts)?;
+        st.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Interner {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let data = InternerData::deserialize(d)?;
+        let mut i = Interner::default();
+        for v in data.values {
+            i.intern(&v);
+        }
+        for parts in data.grain_parts {
+            i.grain_of_parts(parts);
+        }
+        Ok(i)
+    }
+}
+
 impl Interner {
     fn intern(&mut self, s: &str) -> u32 {
         let hash = self.hasher.hash_one(s);
@@ -83,6 +115,10 @@ impl Interner {
             self.intern(ip_range),
             self.intern(device_type),
         ];
+        self.grain_of_parts(parts)
+    }
+
+    fn grain_of_parts(&mut self, parts: [u32; 6]) -> GrainId {
         let hash = self.hasher.hash_one(parts);
         let all = &self.grain_parts;
         if let Some(&g) = self.grains.find(hash, |&g| all[g as usize] == parts) {
@@ -162,6 +198,19 @@ mod tests {
         assert_eq!(i.cmp_grains(a, b), std::cmp::Ordering::Equal);
         assert_eq!(i.cmp_grains(a, c), i.resolve(a).cmp(&i.resolve(c)));
         assert_eq!(i.cmp_grains(c, a), i.resolve(c).cmp(&i.resolve(a)));
+    }
+
+    #[test]
+    fn a_restored_interner_keeps_every_id() {
+        let mut i = Interner::default();
+        let a = i.grain("c", "a", "k", "s", "1.2.3.0/24", "mobile");
+        let b = i.grain("d", "a", "k", "s", "1.2.3.0/24", "tablet");
+        let bytes = bincode::serialize(&i).expect("serialize");
+        let mut j: Interner = bincode::deserialize(&bytes).expect("deserialize");
+        assert_eq!(j.resolve(a), i.resolve(a));
+        assert_eq!(j.resolve(b), i.resolve(b));
+        assert_eq!(j.grain("d", "a", "k", "s", "1.2.3.0/24", "tablet"), b);
+        assert_eq!(j.grains(), 2);
     }
 
     #[test]

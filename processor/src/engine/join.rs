@@ -28,7 +28,7 @@ use super::ids::{GrainId, IdKey};
 use super::RawRecord;
 
 /// Join horizons, in ms.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct JoinConfig {
     pub click_window: i64,
     pub conversion_window: i64,
@@ -52,13 +52,13 @@ pub enum Counted {
     },
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Held {
     t: i64,
     grain: GrainId,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PendingClick {
     click_id: IdKey,
     impression_id: IdKey,
@@ -66,7 +66,7 @@ struct PendingClick {
     raw: RawRecord,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct PendingConversion {
     click_id: IdKey,
     revenue_micros: i64,
@@ -93,7 +93,7 @@ fn pop_expired(
 }
 
 /// Ids with an expiry, bucketed by event time.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct ExpiringIds {
     ids: HashSet<IdKey>,
     buckets: BTreeMap<i64, Vec<IdKey>>,
@@ -114,7 +114,7 @@ impl ExpiringIds {
 }
 
 /// Held records keyed by id, bucketed by event time for expiry.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct HeldById {
     map: HashMap<IdKey, Held>,
     buckets: BTreeMap<i64, Vec<IdKey>>,
@@ -134,7 +134,7 @@ impl HeldById {
 }
 
 /// Join state and its rules.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClickJoin {
     cfg: JoinConfig,
     impressions: HeldById,

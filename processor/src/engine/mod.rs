@@ -22,18 +22,20 @@
 pub mod anomaly;
 pub mod ids;
 pub mod join;
+pub mod rollup;
 pub mod validate;
 pub mod watermark;
 pub mod windows;
 
-use adstream_schemas::records::rate;
 use adstream_schemas::{
     AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, CodecError, Conversion, Impression,
 };
+use serde::{Deserialize, Serialize};
 
-use anomaly::{AnomalyConfig, AnomalyDetector, CampaignWindow};
+use anomaly::{AnomalyConfig, AnomalyDetector};
 use ids::{id_key, Interner};
 use join::{ClickJoin, Counted, JoinConfig};
+use rollup::{emit_window, partials_of, Partial};
 use watermark::{InputPartition, WatermarkTracker};
 use windows::{Measures, WindowStore};
 
@@ -43,7 +45,9 @@ pub const CLICKS: u8 = 1;
 pub const CONVERSIONS: u8 = 2;
 
 /// Where an input record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SourceRef {
     pub topic: u8,
     pub partition: i32,
@@ -60,7 +64,7 @@ impl SourceRef {
 }
 
 /// An input record's original bytes, kept for side outputs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RawRecord {
     pub source: SourceRef,
     pub key: Option<Box<[u8]>>,
@@ -83,6 +87,8 @@ pub enum Output {
     AdMetric(AdMetric),
     CampaignCtr(CampaignCtr),
     Alert(AnomalyAlert),
+    /// A join task's final cells of a window for one campaign (task mode).
+    Partial(Partial),
     Side {
         kind: SideKind,
         raw: RawRecord,
@@ -115,7 +121,7 @@ impl Default for EngineConfig {
 }
 
 /// Counts of what happened to input records, per input topic.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicStats {
     pub input: u64,
     pub counted: u64,
@@ -125,7 +131,7 @@ pub struct TopicStats {
     pub dead_letter: u64,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineStats {
     pub by_topic: [TopicStats; 3],
     pub ad_metric_rows: u64,
@@ -155,43 +161,94 @@ enum Decoded {
     Conversion(Conversion),
 }
 
-/// The engine. See the module docs.
-pub struct Engine {
-    cfg: EngineConfig,
-    codec: Codec,
+/// What the engine does with a window its watermark closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowOutput {
+    /// Emit the final rows, campaign rows and alerts: the engine sees every
+    /// input partition (one process, tests, benchmarks).
+    Final,
+    /// Hand the cells out as [`Partial`]s for a [`rollup::Rollup`]: the
+    /// engine is one join task among several.
+    Partials,
+}
+
+/// The engine's state, as a checkpoint holds it.
+#[derive(Serialize, Deserialize)]
+struct EngineState {
+    mode: WindowOutput,
     watermarks: WatermarkTracker,
     join: ClickJoin,
     windows: WindowStore,
     detector: AnomalyDetector,
     interner: Interner,
+    stats: EngineStats,
+}
+
+/// The engine. See the module docs.
+pub struct Engine {
+    cfg: EngineConfig,
+    codec: Codec,
+    state: EngineState,
     outputs: Vec<Output>,
     counted: Vec<Counted>,
     unmatched: Vec<RawRecord>,
-    stats: EngineStats,
 }
+
+/// A checkpoint that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("unreadable engine checkpoint: {0}")]
+pub struct CheckpointError(#[from] bincode::Error);
 
 impl Engine {
     /// `codec` must already know every writer schema the input may use
     /// (the runtime fetches unknown ids before handing records over).
     pub fn new(cfg: EngineConfig, codec: Codec) -> Self {
+        Self::with_output(cfg, codec, WindowOutput::Final)
+    }
+
+    /// An engine that is one join task of a scaled-out processor.
+    pub fn new_task(cfg: EngineConfig, codec: Codec) -> Self {
+        Self::with_output(cfg, codec, WindowOutput::Partials)
+    }
+
+    fn with_output(cfg: EngineConfig, codec: Codec, mode: WindowOutput) -> Self {
         Engine {
-            watermarks: WatermarkTracker::new(cfg.max_out_of_orderness),
-            join: ClickJoin::new(JoinConfig {
-                click_window: cfg.click_window,
-                conversion_window: cfg.conversion_window,
-                allowed_lateness: cfg.allowed_lateness,
-                bucket: cfg.window,
-            }),
-            windows: WindowStore::new(cfg.window, cfg.allowed_lateness),
-            detector: AnomalyDetector::new(cfg.anomaly.clone()),
-            interner: Interner::default(),
+            state: EngineState {
+                mode,
+                watermarks: WatermarkTracker::new(cfg.max_out_of_orderness),
+                join: ClickJoin::new(JoinConfig {
+                    click_window: cfg.click_window,
+                    conversion_window: cfg.conversion_window,
+                    allowed_lateness: cfg.allowed_lateness,
+                    bucket: cfg.window,
+                }),
+                windows: WindowStore::new(cfg.window, cfg.allowed_lateness),
+                detector: AnomalyDetector::new(cfg.anomaly.clone()),
+                interner: Interner::default(),
+                stats: EngineStats::default(),
+            },
             outputs: Vec::new(),
             counted: Vec::new(),
             unmatched: Vec::new(),
-            stats: EngineStats::default(),
             codec,
             cfg,
         }
+    }
+
+    /// Serializes the state: join buffers, open windows, dedup ids,
+    /// watermarks, anomaly baselines and counters. Outputs not yet taken are
+    /// not part of it (take them first).
+    pub fn checkpoint(&self) -> Vec<u8> {
+        // Serializing plain data into a Vec cannot fail.
+        bincode::serialize(&self.state).unwrap_or_default()
+    }
+
+    /// An engine continuing from a [`checkpoint`](Self::checkpoint).
+    pub fn restore(cfg: EngineConfig, codec: Codec, bytes: &[u8]) -> Result<Self, CheckpointError> {
+        let state: EngineState = bincode::deserialize(bytes)?;
+        let mut e = Self::with_output(cfg, codec, state.mode);
+        e.state = state;
+        Ok(e)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -201,43 +258,43 @@ impl Engine {
     /// Starts tracking an input partition (it holds the watermark back until
     /// it has data or is marked idle).
     pub fn add_partition(&mut self, p: InputPartition) {
-        self.watermarks.add_partition(p);
+        self.state.watermarks.add_partition(p);
     }
 
     pub fn remove_partition(&mut self, p: InputPartition) {
-        self.watermarks.remove_partition(p);
+        self.state.watermarks.remove_partition(p);
     }
 
     /// Marks a partition idle (or active again) and applies the watermark.
     pub fn set_idle(&mut self, p: InputPartition, idle: bool) {
-        if self.watermarks.is_idle(p) != idle {
-            self.watermarks.set_idle(p, idle);
+        if self.state.watermarks.is_idle(p) != idle {
+            self.state.watermarks.set_idle(p, idle);
             self.advance();
         }
     }
 
     pub fn is_idle(&self, p: InputPartition) -> bool {
-        self.watermarks.is_idle(p)
+        self.state.watermarks.is_idle(p)
     }
 
     pub fn watermark(&self) -> i64 {
-        self.watermarks.current()
+        self.state.watermarks.current()
     }
 
     pub fn partition_watermark(&self, p: InputPartition) -> i64 {
-        self.watermarks.partition_watermark(p)
+        self.state.watermarks.partition_watermark(p)
     }
 
     pub fn stats(&self) -> &EngineStats {
-        &self.stats
+        &self.state.stats
     }
 
     pub fn join_sizes(&self) -> join::JoinSizes {
-        self.join.sizes()
+        self.state.join.sizes()
     }
 
     pub fn open_windows(&self) -> usize {
-        self.windows.open_windows()
+        self.state.windows.open_windows()
     }
 
     /// Takes the outputs produced so far, in production order.
@@ -251,7 +308,7 @@ impl Engine {
     }
 
     fn dead_letter(&mut self, raw: RawRecord, reason: String) {
-        self.stats.by_topic[raw.source.topic as usize].dead_letter += 1;
+        self.state.stats.by_topic[raw.source.topic as usize].dead_letter += 1;
         self.outputs.push(Output::Side {
             kind: SideKind::DeadLetter,
             raw,
@@ -277,7 +334,7 @@ impl Engine {
     ) {
         let topic = source.topic.min(CONVERSIONS);
         let source = SourceRef { topic, ..source };
-        self.stats.by_topic[topic as usize].input += 1;
+        self.state.stats.by_topic[topic as usize].input += 1;
         let raw = || RawRecord {
             source,
             key: key.map(Into::into),
@@ -316,14 +373,15 @@ impl Engine {
         // Late: against the record's own partition watermark just before it,
         // or its window is already emitted.
         let p = source.input_partition();
-        let pwm = self.watermarks.partition_watermark(p);
+        let pwm = self.state.watermarks.partition_watermark(p);
         let late_by_partition = event_time < pwm.saturating_sub(self.cfg.allowed_lateness);
         let late_by_window = self
+            .state
             .windows
-            .is_emitted(event_time, self.watermarks.current());
-        self.watermarks.observe(p, event_time);
+            .is_emitted(event_time, self.state.watermarks.current());
+        self.state.watermarks.observe(p, event_time);
         if late_by_partition || late_by_window {
-            self.stats.by_topic[topic as usize].late += 1;
+            self.state.stats.by_topic[topic as usize].late += 1;
             let reason = if late_by_partition {
                 format!(
                     "late: event_time {event_time} < partition watermark {pwm} - allowed lateness {}",
@@ -341,16 +399,16 @@ impl Engine {
             return;
         }
 
-        let s = &mut self.stats.by_topic[topic as usize];
+        let s = &mut self.state.stats.by_topic[topic as usize];
         match decoded {
             Decoded::Impression(r) => {
                 let id = id_key(&r.impression_id);
-                if self.join.is_duplicate_impression(id) {
+                if self.state.join.is_duplicate_impression(id) {
                     s.duplicate += 1;
                 } else {
                     s.counted += 1;
                     let ip_range = ip.map(validate::ip_range).unwrap_or_default();
-                    let grain = self.interner.grain(
+                    let grain = self.state.interner.grain(
                         &r.campaign_id,
                         &r.ad_id,
                         &r.search_keyword,
@@ -358,18 +416,22 @@ impl Engine {
                         &ip_range,
                         &r.device_type,
                     );
-                    self.windows
-                        .add(r.event_time, grain, &Measures::impression(r.cost_micros));
-                    self.join
+                    self.state.windows.add(
+                        r.event_time,
+                        grain,
+                        &Measures::impression(r.cost_micros),
+                    );
+                    self.state
+                        .join
                         .on_impression(id, r.event_time, grain, &mut self.counted);
                 }
             }
             Decoded::Click(r) => {
                 let id = id_key(&r.click_id);
-                if self.join.is_duplicate_click(id) {
+                if self.state.join.is_duplicate_click(id) {
                     s.duplicate += 1;
                 } else {
-                    self.join.on_click(
+                    self.state.join.on_click(
                         id,
                         id_key(&r.impression_id),
                         r.event_time,
@@ -381,10 +443,10 @@ impl Engine {
             }
             Decoded::Conversion(r) => {
                 let id = id_key(&r.conversion_id);
-                if self.join.is_duplicate_conversion(id) {
+                if self.state.join.is_duplicate_conversion(id) {
                     s.duplicate += 1;
                 } else {
-                    self.join.on_conversion(
+                    self.state.join.on_conversion(
                         id,
                         id_key(&r.click_id),
                         r.event_time,
@@ -407,32 +469,51 @@ impl Engine {
                     grain,
                     cost_micros,
                 } => {
-                    self.stats.by_topic[CLICKS as usize].counted += 1;
-                    self.windows.add(t, grain, &Measures::click(cost_micros));
+                    self.state.stats.by_topic[CLICKS as usize].counted += 1;
+                    self.state
+                        .windows
+                        .add(t, grain, &Measures::click(cost_micros));
                 }
                 Counted::Conversion {
                     t,
                     grain,
                     revenue_micros,
                 } => {
-                    self.stats.by_topic[CONVERSIONS as usize].counted += 1;
-                    self.windows
+                    self.state.stats.by_topic[CONVERSIONS as usize].counted += 1;
+                    self.state
+                        .windows
                         .add(t, grain, &Measures::conversion(revenue_micros));
                 }
             }
         }
     }
 
+    /// Takes the processor watermark computed over every join task (see
+    /// [`rollup`]): a task whose partitions are all idle follows it, as a
+    /// single engine's idle partitions follow the others.
+    pub fn on_global_watermark(&mut self, global: i64) {
+        let before = self.state.watermarks.current();
+        if !self.all_idle() || global <= before {
+            return;
+        }
+        self.state.watermarks.restore_current(global);
+        self.apply_watermark(global);
+    }
+
     /// Recomputes the watermark; emits closed windows and unmatched records.
     fn advance(&mut self) {
-        let before = self.watermarks.current();
-        let wm = self.watermarks.advance();
+        let before = self.state.watermarks.current();
+        let wm = self.state.watermarks.advance();
         if wm == before {
             return;
         }
-        self.join.expire(wm, &mut self.unmatched);
+        self.apply_watermark(wm);
+    }
+
+    fn apply_watermark(&mut self, wm: i64) {
+        self.state.join.expire(wm, &mut self.unmatched);
         for raw in self.unmatched.drain(..) {
-            self.stats.by_topic[raw.source.topic as usize].unmatched += 1;
+            self.state.stats.by_topic[raw.source.topic as usize].unmatched += 1;
             let reason = format!(
                 "unmatched: no matching {} by watermark {wm}",
                 if raw.source.topic == CLICKS {
@@ -447,76 +528,27 @@ impl Engine {
                 reason,
             });
         }
-        for w in self.windows.close_until(wm) {
-            self.stats.windows_closed += 1;
-            let interner = &self.interner;
-            // Rows in grain order (by dimension values), so a window's output
-            // order does not depend on the order records were interned in.
-            let mut cells = w.cells;
-            cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
-            // Campaign is the first grain dimension: its cells are adjacent.
-            let mut campaigns: Vec<(u32, Measures)> = Vec::new();
-            for (g, m) in &cells {
-                let c = interner.parts(*g)[0];
-                match campaigns.last_mut() {
-                    Some((last, acc)) if *last == c => acc.merge(m),
-                    _ => campaigns.push((c, *m)),
-                }
-            }
-            // Rows, campaign rows and (rare) alerts: grow the output buffer
-            // once, not by doubling a large buffer of large values.
-            self.outputs.reserve(cells.len() + 2 * campaigns.len() + 4);
-            for (g, m) in &cells {
-                let p = interner.parts(*g);
-                self.stats.ad_metric_rows += 1;
-                let s = |i: usize| interner.string(p[i]).to_owned();
-                self.outputs.push(Output::AdMetric(AdMetric {
-                    window_start: w.start,
-                    window_end: w.end,
-                    campaign_id: s(0),
-                    ad_id: s(1),
-                    search_keyword: s(2),
-                    state: s(3),
-                    ip_range: s(4),
-                    device_type: s(5),
-                    impressions: m.impressions,
-                    clicks: m.clicks,
-                    conversions: m.conversions,
-                    cost_micros: m.cost_micros,
-                    revenue_micros: m.revenue_micros,
-                    ctr: rate(m.clicks, m.impressions),
-                    conversion_rate: rate(m.conversions, m.clicks),
-                }));
-            }
-            for (campaign, m) in campaigns {
-                let campaign = interner.string(campaign);
-                self.stats.campaign_rows += 1;
-                let alerts = self.detector.on_window(&CampaignWindow {
-                    campaign_id: campaign,
-                    window_start: w.start,
-                    window_end: w.end,
-                    impressions: m.impressions,
-                    clicks: m.clicks,
-                    conversions: m.conversions,
-                });
-                self.outputs.push(Output::CampaignCtr(CampaignCtr {
-                    window_start: w.start,
-                    window_end: w.end,
-                    campaign_id: campaign.into(),
-                    impressions: m.impressions,
-                    clicks: m.clicks,
-                    conversions: m.conversions,
-                    cost_micros: m.cost_micros,
-                    revenue_micros: m.revenue_micros,
-                    ctr: rate(m.clicks, m.impressions),
-                    conversion_rate: rate(m.conversions, m.clicks),
-                }));
-                for a in alerts {
-                    self.stats.alerts += 1;
-                    self.outputs.push(Output::Alert(a));
+        let st = &mut self.state;
+        for w in st.windows.close_until(wm) {
+            match st.mode {
+                WindowOutput::Final => emit_window(
+                    &st.interner,
+                    w,
+                    &mut st.detector,
+                    &mut self.outputs,
+                    &mut st.stats,
+                ),
+                WindowOutput::Partials => {
+                    st.stats.windows_closed += 1;
+                    partials_of(&st.interner, w, &mut self.outputs);
                 }
             }
         }
+    }
+
+    /// Whether every partition this engine tracks is idle.
+    pub fn all_idle(&self) -> bool {
+        self.state.watermarks.all_idle()
     }
 }
 

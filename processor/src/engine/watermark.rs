@@ -15,20 +15,22 @@
 use std::collections::BTreeMap;
 
 /// An input partition: topic index (0 impressions, 1 clicks, 2 conversions) and partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct InputPartition {
     pub topic: u8,
     pub partition: i32,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct PartitionState {
     max_event_time: Option<i64>,
     idle: bool,
 }
 
 /// Tracks partition watermarks and the processor watermark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WatermarkTracker {
     max_out_of_orderness: i64,
     partitions: BTreeMap<InputPartition, PartitionState>,
@@ -96,6 +98,11 @@ impl WatermarkTracker {
         if let Some(s) = self.partitions.get_mut(&p) {
             s.idle = idle;
         }
+    }
+
+    /// Whether there are partitions and every one is idle.
+    pub fn all_idle(&self) -> bool {
+        !self.partitions.is_empty() && self.partitions.values().all(|s| s.idle)
     }
 
     pub fn is_idle(&self, p: InputPartition) -> bool {

@@ -14,7 +14,7 @@ use hashbrown::HashMap;
 use super::ids::GrainId;
 
 /// What one cell counts.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Measures {
     pub impressions: i64,
     pub clicks: i64,
@@ -66,7 +66,7 @@ pub struct ClosedWindow {
 }
 
 /// Open windows and their cells.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct WindowStore {
     size: i64,
     allowed_lateness: i64,

@@ -1,0 +1,353 @@
+//! The rollup stage: combines per-task partial windows into the final
+//! `ad-metrics`, `campaign-ctr` and alert outputs (scale-out, issue 7).
+//!
+//! A join task ([`Engine`](super::Engine) in task mode) owns one input
+//! partition of each input topic. When its own watermark closes a window it
+//! hands out that window's cells as [`Partial`]s, one per campaign, in
+//! (window, campaign) order, and afterwards announces its watermark with a
+//! [`Mark`]. Its cells for a window are final once its watermark has passed
+//! the window: anything later that would add to it is late in that task's
+//! own partitions (CONTRACT.md rule 2a), which is why the task-local close is
+//! safe.
+//!
+//! A [`Rollup`] owns a set of campaigns (a partition of the partials topic).
+//! It sums the partial cells of every task and closes a window when the
+//! minimum of the tasks' announced watermarks reaches `window_end +
+//! allowed_lateness`. That minimum over tasks is the minimum over all input
+//! partitions, CONTRACT.md's processor watermark, so windows close exactly
+//! where a single engine owning every partition closes them, and the outputs
+//! are the same whatever the number of instances. Until every task has
+//! spoken the minimum is unknown and nothing closes.
+//!
+//! Idleness: CONTRACT.md's processor watermark leaves idle partitions out
+//! (and is the highest partition watermark when all are idle). The rollup
+//! computes that *global* watermark from the marks ([`Rollup::global`]) and
+//! it is fed back to join tasks whose partitions are all idle
+//! ([`Engine::on_global_watermark`](super::Engine::on_global_watermark)):
+//! such a task follows it, flushes its windows and announces the raised
+//! watermark. Windows still close only on the minimum over every task's
+//! announcement, so an idle task's cells are never left behind.
+//!
+//! Invariants:
+//! - a task's partials arrive in strictly increasing (window, campaign)
+//!   order; anything not above the last accepted one is a replayed copy (a
+//!   broker that shows aborted transactions to `read_committed` readers) and
+//!   is dropped, so replays never double count;
+//! - a window is emitted once; partial cells that reach an emitted window
+//!   (possible only after idleness let the watermark pass a task) are counted
+//!   in `late_cells` and dropped.
+
+use serde::{Deserialize, Serialize};
+
+use adstream_schemas::records::rate;
+use adstream_schemas::{AdMetric, CampaignCtr};
+
+use super::anomaly::{AnomalyDetector, CampaignWindow};
+use super::ids::Interner;
+use super::windows::{ClosedWindow, Measures, WindowStore};
+use super::{EngineConfig, EngineStats, Output};
+
+/// The dimension values of an ad-metrics grain, in grain order:
+/// campaign, ad, keyword, state, ip range, device.
+pub type GrainValues = [String; 6];
+
+/// One task's final cells of one window for one campaign.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Partial {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub campaign_id: String,
+    /// Cells in grain order; every grain's campaign is `campaign_id`.
+    pub cells: Vec<(GrainValues, Measures)>,
+}
+
+/// A task's watermark announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    pub watermark: i64,
+    /// Every partition of the task is idle: it stops holding the watermark back.
+    pub idle: bool,
+}
+
+/// What travels on the partials topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PartialMessage {
+    Cells { task: u32, partial: Partial },
+    Mark { task: u32, mark: Mark },
+}
+
+impl PartialMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data into a Vec cannot fail.
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, bincode::Error> {
+        bincode::deserialize(bytes)
+    }
+}
+
+/// Emits one closed window: its ad-metrics rows in grain order, then per
+/// campaign its campaign-ctr row followed by the alerts it opens.
+pub(crate) fn emit_window(
+    interner: &Interner,
+    w: ClosedWindow,
+    detector: &mut AnomalyDetector,
+    outputs: &mut Vec<Output>,
+    stats: &mut EngineStats,
+) {
+    stats.windows_closed += 1;
+    // Rows in grain order (by dimension values), so a window's output order
+    // does not depend on the order records were interned in.
+    let mut cells = w.cells;
+    cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
+    // Campaign is the first grain dimension: its cells are adjacent.
+    let mut campaigns: Vec<(u32, Measures)> = Vec::new();
+    for (g, m) in &cells {
+        let c = interner.parts(*g)[0];
+        match campaigns.last_mut() {
+            Some((last, acc)) if *last == c => acc.merge(m),
+            _ => campaigns.push((c, *m)),
+        }
+    }
+    // Rows, campaign rows and (rare) alerts: grow the output buffer once,
+    // not by doubling a large buffer of large values.
+    outputs.reserve(cells.len() + 2 * campaigns.len() + 4);
+    for (g, m) in &cells {
+        let p = interner.parts(*g);
+        stats.ad_metric_rows += 1;
+        let s = |i: usize| interner.string(p[i]).to_owned();
+        outputs.push(Output::AdMetric(AdMetric {
+            window_start: w.start,
+            window_end: w.end,
+            campaign_id: s(0),
+            ad_id: s(1),
+            search_keyword: s(2),
+            state: s(3),
+            ip_range: s(4),
+            device_type: s(5),
+            impressions: m.impressions,
+            clicks: m.clicks,
+            conversions: m.conversions,
+            cost_micros: m.cost_micros,
+            revenue_micros: m.revenue_micros,
+            ctr: rate(m.clicks, m.impressions),
+            conversion_rate: rate(m.conversions, m.clicks),
+        }));
+    }
+    for (campaign, m) in campaigns {
+        let campaign = interner.string(campaign);
+        stats.campaign_rows += 1;
+        let alerts = detector.on_window(&CampaignWindow {
+            campaign_id: campaign,
+            window_start: w.start,
+            window_end: w.end,
+            impressions: m.impressions,
+            clicks: m.clicks,
+            conversions: m.conversions,
+        });
+        outputs.push(Output::CampaignCtr(CampaignCtr {
+            window_start: w.start,
+            window_end: w.end,
+            campaign_id: campaign.into(),
+            impressions: m.impressions,
+            clicks: m.clicks,
+            conversions: m.conversions,
+            cost_micros: m.cost_micros,
+            revenue_micros: m.revenue_micros,
+            ctr: rate(m.clicks, m.impressions),
+            conversion_rate: rate(m.conversions, m.clicks),
+        }));
+        for a in alerts {
+            stats.alerts += 1;
+            outputs.push(Output::Alert(a));
+        }
+    }
+}
+
+/// Splits a window closed by a join task into per-campaign partials, in
+/// campaign order.
+pub(crate) fn partials_of(interner: &Interner, w: ClosedWindow, out: &mut Vec<Output>) {
+    let mut cells = w.cells;
+    cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
+    let mut current: Option<Partial> = None;
+    for (g, m) in cells {
+        let p = interner.parts(g);
+        let values: GrainValues = std::array::from_fn(|i| interner.string(p[i]).to_owned());
+        match &mut current {
+            Some(c) if c.campaign_id == values[0] => c.cells.push((values, m)),
+            _ => {
+                if let Some(done) = current.take() {
+                    out.push(Output::Partial(done));
+                }
+                current = Some(Partial {
+                    window_start: w.start,
+                    window_end: w.end,
+                    campaign_id: values[0].clone(),
+                    cells: vec![(values, m)],
+                });
+            }
+        }
+    }
+    if let Some(done) = current {
+        out.push(Output::Partial(done));
+    }
+}
+
+/// Counters of the rollup stage.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollupStats {
+    pub partials: u64,
+    pub replayed_partials: u64,
+    pub late_cells: u64,
+}
+
+/// A rollup task's state. See the module docs.
+#[derive(Serialize, Deserialize)]
+pub struct Rollup {
+    windows: WindowStore,
+    interner: Interner,
+    marks: Vec<Option<Mark>>,
+    last_partial: Vec<Option<(i64, String)>>,
+    watermark: i64,
+    global: i64,
+    detector: AnomalyDetector,
+    #[serde(skip)]
+    outputs: Vec<Output>,
+    stats: EngineStats,
+    rollup_stats: RollupStats,
+}
+
+impl Rollup {
+    /// A rollup fed by `tasks` join tasks (the input partition count).
+    pub fn new(cfg: &EngineConfig, tasks: usize) -> Self {
+        Rollup {
+            windows: WindowStore::new(cfg.window, cfg.allowed_lateness),
+            interner: Interner::default(),
+            marks: vec![None; tasks],
+            last_partial: vec![None; tasks],
+            watermark: i64::MIN,
+            global: i64::MIN,
+            detector: AnomalyDetector::new(cfg.anomaly.clone()),
+            outputs: Vec::new(),
+            stats: EngineStats::default(),
+            rollup_stats: RollupStats::default(),
+        }
+    }
+
+    /// Takes one message of the partials topic.
+    pub fn on_message(&mut self, m: PartialMessage) {
+        match m {
+            PartialMessage::Cells { task, partial } => self.on_partial(task, partial),
+            PartialMessage::Mark { task, mark } => self.on_mark(task, mark),
+        }
+    }
+
+    /// Adds a task's partial cells.
+    pub fn on_partial(&mut self, task: u32, p: Partial) {
+        let Some(last) = self.last_partial.get_mut(task as usize) else {
+            tracing::warn!(task, "partial from an unknown task ignored");
+            return;
+        };
+        let this = (p.window_start, p.campaign_id);
+        if last.as_ref().is_some_and(|l| *l >= this) {
+            self.rollup_stats.replayed_partials += 1;
+            return;
+        }
+        self.rollup_stats.partials += 1;
+        if self.windows.is_emitted(this.0, self.watermark) {
+            self.rollup_stats.late_cells += p.cells.len() as u64;
+            tracing::warn!(task, window_start = this.0, campaign = %this.1, "partial cells for an emitted window dropped (an idle partition let the watermark pass)");
+            *last = Some(this);
+            return;
+        }
+        for (v, m) in &p.cells {
+            let g = self
+                .interner
+                .grain(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5]);
+            self.windows.add(this.0, g, m);
+        }
+        *last = Some(this);
+    }
+
+    /// Takes a task's watermark; closes the windows the minimum now passes.
+    pub fn on_mark(&mut self, task: u32, mark: Mark) {
+        let Some(slot) = self.marks.get_mut(task as usize) else {
+            tracing::warn!(task, "mark from an unknown task ignored");
+            return;
+        };
+        // A task's watermark never decreases; an older mark is a replay.
+        if slot.is_some_and(|m| m.watermark > mark.watermark) {
+            return;
+        }
+        *slot = Some(mark);
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        if self.marks.iter().any(Option::is_none) {
+            return;
+        }
+        let marks = self.marks.iter().flatten();
+        let active = marks.clone().filter(|m| !m.idle).map(|m| m.watermark).min();
+        let global =
+            active.unwrap_or_else(|| marks.clone().map(|m| m.watermark).max().unwrap_or(i64::MIN));
+        self.global = self.global.max(global);
+        let candidate = marks.map(|m| m.watermark).min().unwrap_or(i64::MIN);
+        if candidate <= self.watermark {
+            return;
+        }
+        self.watermark = candidate;
+        for w in self.windows.close_until(candidate) {
+            emit_window(
+                &self.interner,
+                w,
+                &mut self.detector,
+                &mut self.outputs,
+                &mut self.stats,
+            );
+        }
+    }
+
+    /// The watermark this rollup has closed windows to.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// CONTRACT.md's processor watermark as the marks tell it (idle tasks
+    /// left out), for join tasks whose partitions are all idle.
+    pub fn global(&self) -> i64 {
+        self.global
+    }
+
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    pub fn has_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn rollup_stats(&self) -> &RollupStats {
+        &self.rollup_stats
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.windows.open_windows()
+    }
+
+    /// Serializes the state (outputs not yet taken are not part of it).
+    pub fn snapshot(&self) -> Vec<u8> {
+        // Serializing plain data into a Vec cannot fail.
+        bincode::serialize(self).unwrap_or_default()
+    }
+
+    /// Restores a state written by [`snapshot`](Self::snapshot).
+    pub fn restore(bytes: &[u8]) -> Result<Self, bincode::Error> {
+        bincode::deserialize(bytes)
+    }
+}
