@@ -175,6 +175,17 @@ fn encode_outputs(outputs: Vec<Output>, buf: &mut Vec<u8>) -> u64 {
             Output::AdMetric(m) => Codec::encode_with_id::<AdMetric>(4, m, buf).is_ok(),
             Output::CampaignCtr(m) => Codec::encode_with_id::<CampaignCtr>(5, m, buf).is_ok(),
             Output::Alert(a) => Codec::encode_with_id::<AnomalyAlert>(6, a, buf).is_ok(),
+            Output::Partial(p) => {
+                buf.clear();
+                buf.extend(
+                    adstream_processor::engine::rollup::PartialMessage::Cells {
+                        task: 0,
+                        partial: p.clone(),
+                    }
+                    .encode(),
+                );
+                true
+            }
             Output::Side { .. } => true,
         };
         n += u64::from(ok);
