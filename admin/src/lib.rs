@@ -6,6 +6,9 @@
 //! but a partition count that differs from the one asked for is reported,
 //! because CONTRACT.md requires the three input topics to be co-partitioned.
 
+pub mod resume;
+pub mod store;
+
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

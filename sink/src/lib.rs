@@ -21,4 +21,3 @@ pub mod migrations;
 pub mod objects;
 pub mod ocf;
 pub mod postgres;
-pub mod resume;

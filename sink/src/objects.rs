@@ -50,7 +50,7 @@ use adstream_schemas::{
 };
 
 use crate::ocf::{encode_offsets, write_bytes, write_long, Compression, OcfBuilder};
-use crate::resume::ResumeGuard;
+use adstream_admin::resume::ResumeGuard;
 
 /// Writer schema of the files under `raw-invalid/`.
 pub const INVALID_SCHEMA: &str = r#"{"type":"record","name":"InvalidRecord","namespace":"adstream.sink","doc":"A Kafka record that could not be decoded, kept as its raw bytes.","fields":[{"name":"topic","type":"string"},{"name":"partition","type":"int"},{"name":"offset","type":"long"},{"name":"timestamp","type":["null",{"type":"long","logicalType":"timestamp-millis"}]},{"name":"key","type":["null","bytes"]},{"name":"value","type":["null","bytes"]},{"name":"reason","type":"string"}]}"#;
@@ -123,28 +123,12 @@ pub struct ObjectStatus {
     pub multipart: AtomicU64,
 }
 
-/// Opens the store named by `url`. S3 settings (endpoint, credentials,
-/// region, `AWS_ALLOW_HTTP`) come from the usual `AWS_*` variables.
+/// Opens the store named by `url` (see [`adstream_admin::store::open_store`]).
 pub fn open_store(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), ObjectSinkError> {
-    let bad = |reason: String| ObjectSinkError::StoreUrl {
-        url: url.to_owned(),
-        reason,
-    };
-    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-    if parsed.scheme() == "s3" || parsed.scheme() == "s3a" {
-        let bucket = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no bucket name".to_owned()))?;
-        let s3 = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
-        let root = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
-        return Ok((Arc::new(s3), root));
-    }
-    let (store, root) = object_store::parse_url(&parsed).map_err(|e| bad(e.to_string()))?;
-    Ok((Arc::from(store), root))
+    adstream_admin::store::open_store(url).map_err(|e| ObjectSinkError::StoreUrl {
+        url: e.url,
+        reason: e.reason,
+    })
 }
 
 /// Which folder a topic's records go to.

@@ -32,7 +32,7 @@ use adstream_schemas::topics;
 use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 
 use crate::migrations::{migrate, MigrationError};
-use crate::resume::ResumeGuard;
+use adstream_admin::resume::ResumeGuard;
 
 #[derive(Debug, Clone)]
 pub struct PgOptions {
