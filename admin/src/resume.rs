@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::Offset;
 
@@ -44,8 +44,27 @@ impl ResumeGuard {
         }
     }
 
+    /// Watches one more partition resumed at `position` (next offset to read).
+    pub fn watch(&mut self, key: Key, position: i64) {
+        self.skip_below.remove(&key);
+        if position > 0 {
+            self.waiting.insert(key, (position, Instant::now()));
+        } else {
+            self.waiting.remove(&key);
+        }
+    }
+
+    /// Stops watching a partition (revoked).
+    pub fn forget(&mut self, key: &Key) {
+        self.skip_below.remove(key);
+        self.waiting.remove(key);
+    }
+
     /// Seeks silent resumed partitions that have data to their start.
-    pub fn check<C: Consumer>(&mut self, consumer: &C) -> Result<(), KafkaError> {
+    pub fn check<X: ConsumerContext, C: Consumer<X>>(
+        &mut self,
+        consumer: &C,
+    ) -> Result<(), KafkaError> {
         if self.waiting.is_empty() {
             return Ok(());
         }

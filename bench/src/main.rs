@@ -408,7 +408,12 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
         engine: EngineConfig::default(),
         idle_timeout: Duration::from_secs(1),
         commit_interval: Duration::from_secs(1),
-        max_drift_ms: 3_600_000,
+        instance_id: "0".into(),
+        state_url: format!(
+            "file://{}",
+            std::env::temp_dir().join("adstream-state").display()
+        ),
+        checkpoint_interval: std::time::Duration::from_secs(10),
         stop_when_idle: true,
     };
     let stop = AtomicBool::new(false);

@@ -7,6 +7,7 @@
 //!   topics, feeds the engine, writes its outputs, and commits input offsets
 //!   only after every output they cover is acknowledged.
 
+pub mod checkpoints;
 pub mod engine;
 pub mod metrics;
 pub mod runtime;

@@ -58,12 +58,23 @@ struct Args {
     /// A caught-up partition silent this long stops holding the watermark back.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// Pause a partition whose event time runs this far ahead of the watermark.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    max_drift: Duration,
-    /// How often outputs are flushed and input offsets committed.
+    /// How often one transaction commits outputs and input offsets.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
+    /// Stable name of this instance (its transactional id is `<group-id>-<instance-id>`).
+    /// Give a restarted instance its old name: it then fences the open
+    /// transaction of its previous incarnation at once.
+    #[arg(long, env = "PROCESSOR_INSTANCE_ID", default_value = "0")]
+    instance_id: String,
+    /// Where task checkpoints are stored: s3://bucket/prefix (AWS_* variables
+    /// configure S3), file:///dir, ... Every instance of a group must use
+    /// the same store. Default: .adstream/processor-state under the working directory.
+    #[arg(long, env = "PROCESSOR_STATE_URL")]
+    state_url: Option<String>,
+    /// How often each task's state is checkpointed; recovery replays at most
+    /// this much input (plus one commit interval).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: Duration,
     /// Exit (after a final commit) once every partition is caught up and idle.
     #[arg(long)]
     stop_when_idle: bool,
@@ -98,6 +109,16 @@ fn main() -> anyhow::Result<()> {
     init_tracing();
     let args = Args::parse();
     let defaults = AnomalyConfig::default();
+    let state_url = match args.state_url {
+        Some(u) => u,
+        None => {
+            let dir = std::env::current_dir()
+                .context("reading the working directory")?
+                .join(".adstream/processor-state");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            format!("file://{}", dir.display())
+        }
+    };
     let opts = ProcessorOptions {
         bootstrap: args.kafka.bootstrap_servers,
         registry_url: args.kafka.schema_registry_url,
@@ -123,7 +144,9 @@ fn main() -> anyhow::Result<()> {
         },
         idle_timeout: args.idle_timeout,
         commit_interval: args.commit_interval,
-        max_drift_ms: ms(args.max_drift),
+        instance_id: args.instance_id,
+        state_url,
+        checkpoint_interval: args.checkpoint_interval,
         stop_when_idle: args.stop_when_idle,
     };
     let metrics = Arc::new(Metrics::new());

@@ -1,44 +1,74 @@
-//! The Kafka shell around the engine.
+//! The Kafka shell around the engine: tasks, transactions, checkpoints.
 //!
-//! One consumer in one consumer group reads the three input topics; each
-//! record goes to [`Engine::on_record`]; the engine's outputs are produced as
-//! they appear (results as Confluent-framed Avro keyed by `campaign_id`, side
-//! outputs with their original key and value plus provenance headers).
+//! Units of work (processor/DESIGN-exactly-once.md):
+//! - a **join task** per input partition *p*: an [`Engine`] in task mode fed
+//!   by partition *p* of the three co-partitioned input topics. It writes
+//!   side outputs, and hands the cells of the windows its watermark closes
+//!   to the partials topic, keyed by campaign, followed by its watermark
+//!   ([`Mark`]) broadcast to every partials partition;
+//! - a **rollup task** per partials partition *q*: a [`Rollup`] that sums
+//!   the partials of every join task and writes `ad-metrics`,
+//!   `campaign-ctr` and alerts when the minimum of the tasks' watermarks
+//!   passes a window.
 //!
-//! Commit point ([`Shell::commit`], the only place offsets are committed):
-//! flush the producer, check every output was acknowledged, then commit the
-//! consumed positions. So offsets never run ahead of the outputs they cover:
-//! at least once. (Transactions replace this point in the exactly-once work.)
+//! The consumer group assigns input and partials partitions (range
+//! assignor, so partition *p* of the three input topics lands together);
+//! any number of instances produce the same outputs.
+//!
+//! Exactly once: one transactional producer per instance. Every
+//! `--commit-interval` the outputs, partials and marks produced since the
+//! last commit and the consumed positions of every task (sent with the
+//! group's metadata, KIP-447) are committed in one transaction. On a
+//! rebalance or any transaction error the open transaction is aborted and
+//! every task is rebuilt from its checkpoint (below). An instance that did
+//! not poll for longer than the session timeout (paused, e.g. SIGSTOP) may
+//! have lost its partitions: it aborts instead of committing, whatever the
+//! broker would have allowed.
+//!
+//! Durable state ([`crate::checkpoints`]): every `--checkpoint-interval` a
+//! task's state is written to object storage under the positions it covers.
+//! A task is restored from the newest checkpoint at or below the committed
+//! offsets, then replays from the checkpoint's positions up to the committed
+//! offsets with its outputs suppressed (they were committed already); a
+//! record that overshoots the committed offset of its partition is held,
+//! and the partition paused, until every partition of the task has reached
+//! its committed offset. Outputs are a function of the positions, so the
+//! suppressed outputs are exactly the committed ones.
 //!
 //! Idleness is decided here, because it needs wall time and consumer lag: a
 //! partition is idle when it has delivered nothing for `--idle-timeout` AND
 //! its position has reached its high watermark. A partition with a backlog
 //! is never idle, which keeps results independent of how the broker
-//! schedules fetches. Partitions whose event time runs more than
-//! `--max-drift` ahead of the watermark are paused until it catches up.
+//! schedules fetches.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use adstream_admin::resume::ResumeGuard;
 use adstream_schemas::codec::{split_frame, CodecError};
 use adstream_schemas::topics::{self, headers};
 use adstream_schemas::{
     AdMetric, AnomalyAlert, AvroRecord, CampaignCtr, Click, Codec, Conversion, Impression,
 };
 
+use crate::checkpoints::{CheckpointStore, CheckpointStoreError};
+use crate::engine::rollup::{Mark, PartialMessage, Rollup};
 use crate::engine::watermark::InputPartition;
 use crate::engine::{Engine, EngineConfig, EngineStats, Output, SideKind, SourceRef};
 use crate::metrics::Metrics;
+
+/// The internal topic join tasks write partial windows and marks to.
+pub const PARTIALS_TOPIC: &str = "adstream-processor-partials";
 
 /// Settings of a processor run.
 #[derive(Debug, Clone)]
@@ -51,8 +81,12 @@ pub struct ProcessorOptions {
     pub engine: EngineConfig,
     pub idle_timeout: Duration,
     pub commit_interval: Duration,
-    /// Pause a partition whose event time runs this far (ms) ahead of the watermark.
-    pub max_drift_ms: i64,
+    /// Stable name of this instance: its transactional id is `<group>-<instance>`,
+    /// so a restarted instance fences its previous incarnation's open transaction.
+    pub instance_id: String,
+    /// Object store URL for task checkpoints.
+    pub state_url: String,
+    pub checkpoint_interval: Duration,
     /// Commit and return once every assigned partition is idle (batch runs, demos).
     pub stop_when_idle: bool,
 }
@@ -70,26 +104,18 @@ pub enum RuntimeError {
     NotCoPartitioned(String),
     #[error("schema registry: {0}")]
     Schema(#[from] CodecError),
-    #[error("{failed} output records were not acknowledged (first error: {first}); offsets not committed")]
+    #[error(transparent)]
+    Checkpoints(#[from] CheckpointStoreError),
+    #[error("unreadable checkpoint of task {task}: {reason}")]
+    BadCheckpoint { task: String, reason: String },
+    #[error("{failed} output records were not acknowledged (first error: {first})")]
     Undelivered { failed: u64, first: String },
     #[error(
-        "consumer group {group} already has {members} member(s): another processor instance is \
-         running. This version computes campaign rollups in one instance owning every input \
-         partition (scale-out is not built yet, see processor/DESIGN-exactly-once.md); a second \
-         instance would split partitions and write partial rollups. Stop the other instance or \
-         use another --group-id"
+        "partition {partition} of the input topics was assigned without its peers ({got:?}); \
+         use the range assignor (partition.assignment.strategy=range) so a join task gets \
+         partition {partition} of all three input topics"
     )]
-    GroupBusy { group: String, members: usize },
-    #[error(
-        "this instance was assigned {owned} of the {total} input partitions of group {group}: \
-         another instance joined. Stopping rather than writing partial rollups (scale-out is \
-         not built yet, see processor/DESIGN-exactly-once.md)"
-    )]
-    PartialAssignment {
-        group: String,
-        owned: usize,
-        total: usize,
-    },
+    SplitTask { partition: i32, got: Vec<String> },
 }
 
 fn kafka(context: &str) -> impl FnOnce(KafkaError) -> RuntimeError + '_ {
@@ -102,12 +128,19 @@ fn kafka(context: &str) -> impl FnOnce(KafkaError) -> RuntimeError + '_ {
 /// What a running processor has done, for tests and health checks.
 #[derive(Debug, Clone, Default)]
 pub struct StatusSnapshot {
+    /// Join tasks' counters (input accounting) plus the rollups' output counts.
     pub stats: EngineStats,
+    /// Lowest watermark the rollup tasks closed windows to.
     pub watermark: i64,
+    /// Assigned input partitions (three per join task).
     pub assigned: usize,
     pub idle: usize,
     pub commits: u64,
     pub outputs_acked: u64,
+    pub join_tasks: usize,
+    pub rollup_tasks: usize,
+    pub restores: u64,
+    pub aborts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +164,7 @@ enum RebalanceEvent {
 #[derive(Default)]
 struct GroupContext {
     events: Mutex<Vec<RebalanceEvent>>,
+    pending: AtomicBool,
 }
 
 impl ClientContext for GroupContext {}
@@ -155,6 +189,7 @@ impl ConsumerContext for GroupContext {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(ev);
+        self.pending.store(true, Ordering::Release);
     }
 }
 
@@ -186,13 +221,9 @@ impl ProducerContext for Acks {
     }
 }
 
-struct PartitionRt {
-    last_record: Instant,
-    paused: bool,
-}
-
 struct Topics {
     inputs: [String; 3],
+    partials: String,
     ad_metrics: String,
     campaign_ctr: String,
     alerts: String,
@@ -207,6 +238,57 @@ struct SchemaIds {
     alert: u32,
 }
 
+/// An input record held back during a replay (it lies past the committed offset).
+struct HeldRecord {
+    topic: u8,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    timestamp: Option<i64>,
+}
+
+/// A join task: partition `partition` of the three input topics.
+struct JoinTask {
+    partition: i32,
+    engine: Engine,
+    /// Next offset to process, per input topic.
+    next: [i64; 3],
+    /// Replaying up to these committed offsets (outputs suppressed).
+    replay_to: Option<[i64; 3]>,
+    held: Vec<HeldRecord>,
+    paused: [bool; 3],
+    last_record: [Instant; 3],
+    published: Option<Mark>,
+    checkpointed: Option<[i64; 3]>,
+}
+
+impl JoinTask {
+    fn name(&self) -> String {
+        format!("join-{:04}", self.partition)
+    }
+
+    fn replay_done(&self) -> bool {
+        self.replay_to
+            .is_none_or(|to| self.next.iter().zip(to).all(|(n, t)| *n >= t))
+    }
+}
+
+/// A rollup task: partition `partition` of the partials topic.
+struct RollupTask {
+    partition: i32,
+    rollup: Rollup,
+    next: i64,
+    replay_to: Option<i64>,
+    last_record: Instant,
+    checkpointed: Option<i64>,
+}
+
+impl RollupTask {
+    fn name(&self) -> String {
+        format!("rollup-{:04}", self.partition)
+    }
+}
+
 /// The shell's state during a run.
 struct Shell<'a> {
     opts: &'a ProcessorOptions,
@@ -214,15 +296,27 @@ struct Shell<'a> {
     ids: SchemaIds,
     codec: Codec,
     rt: tokio::runtime::Runtime,
-    consumer: BaseConsumer<GroupContext>,
+    consumer: Arc<BaseConsumer<GroupContext>>,
     producer: ThreadedProducer<Acks>,
-    engine: Engine,
-    partitions: HashMap<InputPartition, PartitionRt>,
-    /// Input partitions of the three topics together; one instance owns them all.
-    input_partitions: usize,
-    positions: HashMap<(usize, i32), i64>,
+    store: CheckpointStore,
+    /// Input partitions per input topic: the number of join tasks.
+    tasks_total: usize,
+    partials_partitions: usize,
+    joins: BTreeMap<i32, JoinTask>,
+    rollups: BTreeMap<i32, RollupTask>,
+    resume: ResumeGuard,
+    session_timeout: Duration,
+    last_poll: Instant,
+    max_poll_gap: Duration,
+    last_checkpoint: Instant,
+    started: Instant,
+    first_output_committed: bool,
+    /// Outputs produced in the open transaction.
+    produced: u64,
     buf: Vec<u8>,
     commits: u64,
+    restores: u64,
+    aborts: u64,
 }
 
 /// Runs the processor until `stop` is set; commits before returning.
@@ -235,6 +329,7 @@ pub fn run(
     let p = &opts.topic_prefix;
     let topics = Topics {
         inputs: topics::INPUTS.map(|t| format!("{p}{t}")),
+        partials: format!("{p}{PARTIALS_TOPIC}"),
         ad_metrics: format!("{p}{}", topics::AD_METRICS),
         campaign_ctr: format!("{p}{}", topics::CAMPAIGN_CTR),
         alerts: format!("{p}{}", topics::ANOMALY_ALERTS),
@@ -268,6 +363,7 @@ pub fn run(
             alert: codec.register::<AnomalyAlert>(&topics.alerts).await?,
         })
     })?;
+    let store = CheckpointStore::open(&opts.state_url, &opts.group_id)?;
 
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &opts.bootstrap)
@@ -277,11 +373,15 @@ pub fn run(
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
+        .set("partition.assignment.strategy", "range")
         .set("fetch.wait.max.ms", "100");
     let mut pc = ClientConfig::new();
     pc.set("bootstrap.servers", &opts.bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
+        .set(
+            "transactional.id",
+            format!("{}-{}", opts.group_id, opts.instance_id),
+        )
+        .set("transaction.timeout.ms", "30000")
         .set("linger.ms", "5")
         // Result rows repeat their dimension strings: lz4 shrinks what the
         // broker stores and serves several-fold for little CPU.
@@ -291,37 +391,71 @@ pub fn run(
         cc.set(k, v);
         pc.set(k, v);
     }
+    let session_timeout = Duration::from_millis(
+        opts.overrides
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "session.timeout.ms")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(45_000),
+    );
     let consumer: BaseConsumer<GroupContext> = cc
         .create_with_context(GroupContext::default())
         .map_err(kafka("creating the consumer"))?;
     let producer: ThreadedProducer<Acks> = pc
         .create_with_context(Acks::default())
         .map_err(kafka("creating the producer"))?;
-    let partitions_per_topic = check_co_partitioned(&consumer, &topics.inputs)?;
-    wait_for_empty_group(&consumer, &opts.group_id, &opts.overrides, stop)?;
-    let refs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
+    let tasks_total = check_co_partitioned(&consumer, &topics.inputs)?;
+    let partials_partitions = partition_count(&consumer, &topics.partials)?;
+    // Fences this instance's previous incarnation and aborts its open transaction.
+    producer
+        .init_transactions(Duration::from_secs(60))
+        .map_err(kafka("initialising transactions"))?;
+    let mut refs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
+    refs.push(&topics.partials);
     consumer
         .subscribe(&refs)
-        .map_err(kafka("subscribing to the input topics"))?;
-    tracing::info!(group = %opts.group_id, inputs = ?topics.inputs, "processor started");
+        .map_err(kafka("subscribing to the input and partials topics"))?;
+    tracing::info!(group = %opts.group_id, instance = %opts.instance_id, tasks = tasks_total,
+        partials = partials_partitions, "processor started");
 
     let mut shell = Shell {
-        engine: Engine::new(opts.engine.clone(), codec.clone()),
         opts,
         topics,
         ids,
         codec,
         rt,
-        consumer,
+        consumer: Arc::new(consumer),
         producer,
-        partitions: HashMap::new(),
-        input_partitions: 3 * partitions_per_topic,
-        positions: HashMap::new(),
+        store,
+        tasks_total,
+        partials_partitions,
+        joins: BTreeMap::new(),
+        rollups: BTreeMap::new(),
+        resume: ResumeGuard::default(),
+        session_timeout,
+        last_poll: Instant::now(),
+        max_poll_gap: Duration::ZERO,
+        last_checkpoint: Instant::now(),
+        started: Instant::now(),
+        first_output_committed: false,
+        produced: 0,
         buf: Vec::with_capacity(256),
         commits: 0,
+        restores: 0,
+        aborts: 0,
     };
+    shell
+        .producer
+        .begin_transaction()
+        .map_err(kafka("beginning a transaction"))?;
     let result = shell.main_loop(stop, status, metrics);
-    let last = shell.commit(metrics);
+    let last = if result.is_ok() {
+        shell.commit(metrics, true)
+    } else {
+        shell.abort("stopping after an error");
+        Ok(())
+    };
     shell.publish_status(status, metrics);
     result.and(last)
 }
@@ -365,6 +499,21 @@ fn send_result<T: AvroRecord>(
     )
 }
 
+fn partition_count(
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+) -> Result<usize, RuntimeError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .map_err(kafka("fetching topic metadata"))?;
+    md.topics()
+        .iter()
+        .find(|m| m.name() == topic && m.error().is_none())
+        .map(|m| m.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| RuntimeError::MissingTopic(topic.to_owned()))
+}
+
 /// Checks the input topics' partition counts are equal; returns the count.
 fn check_co_partitioned(
     consumer: &BaseConsumer<GroupContext>,
@@ -372,17 +521,7 @@ fn check_co_partitioned(
 ) -> Result<usize, RuntimeError> {
     let mut counts = Vec::new();
     for t in inputs {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(15))
-            .map_err(kafka("fetching input topic metadata"))?;
-        let n = md
-            .topics()
-            .iter()
-            .find(|m| m.name() == t && m.error().is_none())
-            .map(|m| m.partitions().len())
-            .filter(|n| *n > 0)
-            .ok_or_else(|| RuntimeError::MissingTopic(t.clone()))?;
-        counts.push((t, n));
+        counts.push((t, partition_count(consumer, t)?));
     }
     if counts.iter().any(|(_, n)| *n != counts[0].1) {
         let listed: Vec<String> = counts.iter().map(|(t, n)| format!("{t}={n}")).collect();
@@ -391,50 +530,9 @@ fn check_co_partitioned(
     Ok(counts[0].1)
 }
 
-/// Waits until consumer group `group` has no members (a crashed instance
-/// leaves once its session times out), or fails with [`RuntimeError::GroupBusy`].
-/// A broker that cannot describe groups is not an error: the partial
-/// assignment check still stops a second instance.
-fn wait_for_empty_group(
-    consumer: &BaseConsumer<GroupContext>,
-    group: &str,
-    overrides: &[(String, String)],
-    stop: &AtomicBool,
-) -> Result<(), RuntimeError> {
-    let session_ms: u64 = overrides
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "session.timeout.ms")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(45_000);
-    let deadline = Instant::now() + Duration::from_millis(session_ms) + Duration::from_secs(5);
-    loop {
-        let members = match consumer.fetch_group_list(Some(group), Duration::from_secs(10)) {
-            Ok(list) => list
-                .groups()
-                .iter()
-                .find(|g| g.name() == group)
-                .map_or(0, |g| g.members().len()),
-            Err(e) => {
-                tracing::warn!(%group, error = %e, "cannot describe the consumer group; skipping the single-instance check");
-                return Ok(());
-            }
-        };
-        if members == 0 {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(RuntimeError::GroupBusy {
-                group: group.to_owned(),
-                members,
-            });
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        tracing::info!(%group, members, "waiting for the group's previous members to leave");
-        std::thread::sleep(Duration::from_secs(1));
-    }
+/// Which partials partition a campaign's cells go to.
+fn partials_partition(campaign: &str, partitions: usize) -> i32 {
+    (xxhash_rust::xxh3::xxh3_64(campaign.as_bytes()) % partitions.max(1) as u64) as i32
 }
 
 impl Shell<'_> {
@@ -451,57 +549,62 @@ impl Shell<'_> {
         let mut last_commit = Instant::now();
         let mut last_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            // Drain what is fetched, up to a batch, then handle the rest of the loop.
+            let consumer = Arc::clone(&self.consumer);
             for _ in 0..10_000 {
-                let Some(msg) = self.consumer.poll(Duration::from_millis(50)) else {
+                let polled = consumer.poll(Duration::from_millis(50));
+                let now = Instant::now();
+                self.max_poll_gap = self.max_poll_gap.max(now - self.last_poll);
+                self.last_poll = now;
+                if self.consumer.context().pending.load(Ordering::Acquire) {
+                    // Nothing more until the new assignment is handled: records
+                    // fetched for it before the tasks are restored are dropped.
+                    break;
+                }
+                let Some(msg) = polled else {
                     break;
                 };
                 let msg = msg.map_err(kafka("consuming"))?;
-                let Some(ti) = self.topic_index(msg.topic()) else {
+                let key = (msg.topic().to_owned(), msg.partition());
+                if !self.resume.admit(&key, msg.offset()) {
                     continue;
-                };
-                let source = SourceRef {
-                    topic: ti as u8,
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                };
-                if let Some(v) = msg.payload() {
-                    self.ensure_schema(v, stop);
                 }
-                self.engine.on_record(
-                    source,
-                    msg.key(),
-                    msg.payload(),
-                    msg.timestamp().to_millis(),
-                );
-                self.positions
-                    .insert((ti, msg.partition()), msg.offset() + 1);
-                if let Some(p) = self.partitions.get_mut(&source.input_partition()) {
-                    p.last_record = Instant::now();
-                }
-                if self.engine.has_outputs() {
-                    self.produce_outputs()?;
+                if msg.topic() == self.topics.partials {
+                    self.on_partials_record(msg.partition(), msg.offset(), msg.payload())?;
+                } else if let Some(ti) = self.topic_index(msg.topic()) {
+                    if let Some(v) = msg.payload() {
+                        self.ensure_schema(v, stop);
+                    }
+                    self.on_input_record(
+                        HeldRecord {
+                            topic: ti as u8,
+                            offset: msg.offset(),
+                            key: None,
+                            value: None,
+                            timestamp: msg.timestamp().to_millis(),
+                        },
+                        msg.partition(),
+                        msg.key(),
+                        msg.payload(),
+                    )?;
                 }
             }
             self.handle_rebalances()?;
+            self.resume
+                .check(&*self.consumer)
+                .map_err(kafka("re-reading a silent partition"))?;
             if last_check.elapsed() >= Duration::from_millis(200) {
                 last_check = Instant::now();
-                self.check_idle_and_drift();
-                self.produce_outputs()?;
+                self.check_idle();
+                self.feed_back_global_watermark();
+                self.flush_outputs()?;
                 self.publish_status(status, metrics);
-                if self.opts.stop_when_idle
-                    && !self.partitions.is_empty()
-                    && self.partitions.keys().all(|p| self.engine.is_idle(*p))
-                {
-                    tracing::info!(
-                        watermark = self.engine.watermark(),
-                        "every partition is idle; stopping"
-                    );
+                if self.opts.stop_when_idle && self.all_idle() {
+                    tracing::info!("every partition is idle and every window emitted; stopping");
                     return Ok(());
                 }
             }
             if last_commit.elapsed() >= self.opts.commit_interval {
-                self.commit(metrics)?;
+                self.commit(metrics, false)?;
                 last_commit = Instant::now();
             }
         }
@@ -531,62 +634,291 @@ impl Shell<'_> {
         }
     }
 
-    fn handle_rebalances(&mut self) -> Result<(), RuntimeError> {
-        let events = std::mem::take(
-            &mut *self
-                .consumer
-                .context()
-                .events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
+    /// One input record (`rec` carries its position; key and value are
+    /// borrowed from the consumer unless it was held).
+    fn on_input_record(
+        &mut self,
+        rec: HeldRecord,
+        partition: i32,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<(), RuntimeError> {
+        let Some(task) = self.joins.get_mut(&partition) else {
+            return Ok(());
+        };
+        let ti = rec.topic as usize;
+        if rec.offset < task.next[ti] {
+            return Ok(());
+        }
+        if let Some(to) = task.replay_to {
+            if rec.offset >= to[ti] {
+                // Past the committed offset: wait for the other partitions.
+                task.held.push(HeldRecord {
+                    key: key.map(<[u8]>::to_vec),
+                    value: value.map(<[u8]>::to_vec),
+                    ..rec
+                });
+                if !task.paused[ti] {
+                    task.paused[ti] = true;
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&self.topics.inputs[ti], partition);
+                    self.consumer
+                        .pause(&tpl)
+                        .map_err(kafka("pausing a replayed partition"))?;
+                }
+                return Ok(());
+            }
+        }
+        task.engine.on_record(
+            SourceRef {
+                topic: rec.topic,
+                partition,
+                offset: rec.offset,
+            },
+            key,
+            value,
+            rec.timestamp,
         );
+        task.next[ti] = rec.offset + 1;
+        task.last_record[ti] = Instant::now();
+        if task.replay_to.is_some() {
+            // Committed before the restart: suppressed.
+            drop(task.engine.take_outputs());
+            if task.replay_done() {
+                self.finish_join_replay(partition)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A join task has reached its committed offsets: from here on its
+    /// outputs are new. Processes what it held and resumes its partitions.
+    fn finish_join_replay(&mut self, partition: i32) -> Result<(), RuntimeError> {
+        let Some(task) = self.joins.get_mut(&partition) else {
+            return Ok(());
+        };
+        drop(task.engine.take_outputs());
+        task.replay_to = None;
+        let held = std::mem::take(&mut task.held);
+        let mut tpl = TopicPartitionList::new();
+        for (ti, paused) in task.paused.iter_mut().enumerate() {
+            if *paused {
+                *paused = false;
+                tpl.add_partition(&self.topics.inputs[ti], partition);
+            }
+        }
+        tracing::info!(task = %task.name(), position = ?task.next, "join task caught up with its committed offsets");
+        for h in held {
+            let (k, v) = (h.key.clone(), h.value.clone());
+            self.on_input_record(h, partition, k.as_deref(), v.as_deref())?;
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .resume(&tpl)
+                .map_err(kafka("resuming replayed partitions"))?;
+        }
+        Ok(())
+    }
+
+    fn on_partials_record(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        value: Option<&[u8]>,
+    ) -> Result<(), RuntimeError> {
+        let Some(task) = self.rollups.get_mut(&partition) else {
+            return Ok(());
+        };
+        if offset < task.next {
+            return Ok(());
+        }
+        if let Some(to) = task.replay_to {
+            if offset >= to {
+                task.replay_to = None;
+                drop(task.rollup.take_outputs());
+                tracing::info!(task = %task.name(), position = task.next, "rollup task caught up with its committed offset");
+            }
+        }
+        match value.map(PartialMessage::decode) {
+            Some(Ok(m)) => task.rollup.on_message(m),
+            other => tracing::error!(partition, offset, error = ?other.and_then(Result::err),
+                "undecodable record on the internal partials topic skipped"),
+        }
+        task.next = offset + 1;
+        task.last_record = Instant::now();
+        if let Some(to) = task.replay_to {
+            drop(task.rollup.take_outputs());
+            if task.next >= to {
+                task.replay_to = None;
+                tracing::info!(task = %task.name(), position = task.next, "rollup task caught up with its committed offset");
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_rebalances(&mut self) -> Result<(), RuntimeError> {
+        let ctx = self.consumer.context();
+        ctx.pending.store(false, Ordering::Release);
+        let events = std::mem::take(&mut *ctx.events.lock().unwrap_or_else(|p| p.into_inner()));
+        if events.is_empty() {
+            return Ok(());
+        }
+        // Eager rebalancing revoked everything: what this transaction holds
+        // belongs to tasks that may move. Abort; the owners replay it.
+        self.abort("rebalance");
+        self.joins.clear();
+        self.rollups.clear();
+        let mut assigned: Vec<(String, i32)> = Vec::new();
         for ev in events {
             match ev {
-                RebalanceEvent::Assigned(list) => {
-                    for (t, partition) in list {
-                        let Some(ti) = self.topic_index(&t) else {
-                            continue;
-                        };
-                        let p = InputPartition {
-                            topic: ti as u8,
-                            partition,
-                        };
-                        self.engine.add_partition(p);
-                        self.partitions.insert(
-                            p,
-                            PartitionRt {
-                                last_record: Instant::now(),
-                                paused: false,
-                            },
-                        );
-                    }
-                    tracing::info!(partitions = self.partitions.len(), "partitions assigned");
-                    if self.partitions.len() < self.input_partitions {
-                        return Err(RuntimeError::PartialAssignment {
-                            group: self.opts.group_id.clone(),
-                            owned: self.partitions.len(),
-                            total: self.input_partitions,
-                        });
-                    }
-                }
+                RebalanceEvent::Assigned(list) => assigned = list,
                 RebalanceEvent::Revoked(list) => {
-                    for (t, partition) in list {
-                        let Some(ti) = self.topic_index(&t) else {
-                            continue;
-                        };
-                        let p = InputPartition {
-                            topic: ti as u8,
-                            partition,
-                        };
-                        self.partitions.remove(&p);
-                        self.positions.remove(&(ti, partition));
-                        // Keep its watermark state but stop it holding the watermark back.
-                        self.engine.set_idle(p, true);
+                    for key in &list {
+                        self.resume.forget(key);
                     }
-                    tracing::info!(partitions = self.partitions.len(), "partitions revoked");
+                    assigned.clear();
                 }
             }
         }
+        self.restore_tasks(&assigned)
+    }
+
+    /// Builds the tasks of `assigned` from their checkpoints and committed
+    /// offsets, and seeks their partitions to the checkpoints' positions.
+    fn restore_tasks(&mut self, assigned: &[(String, i32)]) -> Result<(), RuntimeError> {
+        if assigned.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let mut inputs: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+        let mut partials = Vec::new();
+        for (t, p) in assigned {
+            if *t == self.topics.partials {
+                partials.push(*p);
+            } else if let Some(ti) = self.topic_index(t) {
+                inputs.entry(*p).or_default().push(ti);
+            }
+        }
+        for (p, tis) in &inputs {
+            if tis.len() != 3 {
+                return Err(RuntimeError::SplitTask {
+                    partition: *p,
+                    got: tis.iter().map(|t| self.topics.inputs[*t].clone()).collect(),
+                });
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in assigned {
+            tpl.add_partition(t, *p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(30))
+            .map_err(kafka("reading committed offsets"))?;
+        let committed_of = |t: &str, p: i32| -> i64 {
+            match committed.find_partition(t, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            }
+        };
+        let now = Instant::now();
+        let mut seeks: Vec<(String, i32, i64)> = Vec::new();
+        for p in inputs.keys() {
+            let to: [i64; 3] = std::array::from_fn(|ti| committed_of(&self.topics.inputs[ti], *p));
+            let name = format!("join-{p:04}");
+            let found = self.rt.block_on(self.store.latest(&name, &to))?;
+            let (engine, from) = match found {
+                Some((pos, bytes)) => {
+                    let engine =
+                        Engine::restore(self.opts.engine.clone(), self.codec.clone(), &bytes)
+                            .map_err(|e| RuntimeError::BadCheckpoint {
+                                task: name.clone(),
+                                reason: e.to_string(),
+                            })?;
+                    (engine, [pos[0], pos[1], pos[2]])
+                }
+                None => {
+                    let mut e = Engine::new_task(self.opts.engine.clone(), self.codec.clone());
+                    for topic in 0..3u8 {
+                        e.add_partition(InputPartition {
+                            topic,
+                            partition: *p,
+                        });
+                    }
+                    (e, [0; 3])
+                }
+            };
+            tracing::info!(task = %name, checkpoint = ?from, committed = ?to, "join task restored");
+            for (ti, o) in from.iter().enumerate() {
+                seeks.push((self.topics.inputs[ti].clone(), *p, *o));
+            }
+            let mut task = JoinTask {
+                partition: *p,
+                engine,
+                next: from,
+                replay_to: Some(to),
+                held: Vec::new(),
+                paused: [false; 3],
+                last_record: [now; 3],
+                published: None,
+                checkpointed: Some(from),
+            };
+            if task.replay_done() {
+                task.replay_to = None;
+            }
+            self.joins.insert(*p, task);
+        }
+        for q in partials {
+            let to = committed_of(&self.topics.partials, q);
+            let name = format!("rollup-{q:04}");
+            let found = self.rt.block_on(self.store.latest(&name, &[to]))?;
+            let (rollup, from) = match found {
+                Some((pos, bytes)) => (
+                    Rollup::restore(&bytes).map_err(|e| RuntimeError::BadCheckpoint {
+                        task: name.clone(),
+                        reason: e.to_string(),
+                    })?,
+                    pos[0],
+                ),
+                None => (Rollup::new(&self.opts.engine, self.tasks_total), 0),
+            };
+            tracing::info!(task = %name, checkpoint = from, committed = to, "rollup task restored");
+            seeks.push((self.topics.partials.clone(), q, from));
+            self.rollups.insert(
+                q,
+                RollupTask {
+                    partition: q,
+                    rollup,
+                    next: from,
+                    replay_to: (from < to).then_some(to),
+                    last_record: now,
+                    checkpointed: Some(from),
+                },
+            );
+        }
+        for (t, p, o) in seeks {
+            let offset = if o > 0 {
+                Offset::Offset(o)
+            } else {
+                Offset::Beginning
+            };
+            if let Err(e) = self.consumer.seek(&t, p, offset, Duration::from_secs(10)) {
+                tracing::warn!(topic = %t, partition = p, error = %e, "seek failed; retrying once");
+                std::thread::sleep(Duration::from_millis(200));
+                self.consumer
+                    .seek(&t, p, offset, Duration::from_secs(10))
+                    .map_err(kafka("seeking a restored partition"))?;
+            }
+            self.resume.watch((t, p), o);
+        }
+        self.restores += 1;
+        self.max_poll_gap = Duration::ZERO;
+        tracing::info!(
+            join_tasks = self.joins.len(),
+            rollup_tasks = self.rollups.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "tasks restored"
+        );
         Ok(())
     }
 
@@ -609,229 +941,473 @@ impl Shell<'_> {
             .then_some(high)
     }
 
-    fn check_idle_and_drift(&mut self) {
-        struct Info {
-            p: InputPartition,
-            topic: String,
-            caught_up: bool,
-            ahead: i64,
-        }
+    fn caught_up(&self, topic: &str, partition: i32, next: i64) -> bool {
+        self.cached_high_watermark(topic, partition)
+            .is_some_and(|h| next >= h)
+    }
+
+    fn check_idle(&mut self) {
         let now = Instant::now();
-        let wm = self.engine.watermark();
-        let keys: Vec<InputPartition> = self.partitions.keys().copied().collect();
-        let infos: Vec<Info> = keys
-            .into_iter()
-            .map(|p| {
-                let topic = self.topics.inputs[p.topic as usize].clone();
-                let position = self
-                    .positions
-                    .get(&(p.topic as usize, p.partition))
-                    .copied();
-                let caught_up = match (self.cached_high_watermark(&topic, p.partition), position) {
-                    (Some(h), Some(pos)) => pos >= h,
-                    (Some(h), None) => h == 0,
-                    (None, _) => false,
-                };
-                let ahead = if wm == i64::MIN {
-                    0
-                } else {
-                    self.engine.partition_watermark(p).saturating_sub(wm)
-                };
-                Info {
-                    p,
-                    topic,
-                    caught_up,
-                    ahead,
-                }
-            })
-            .collect();
-        // Pausing a partition that runs ahead only helps while some partition
-        // behind it still has a backlog to catch up with.
-        let backlog_behind = infos.iter().any(|i| {
-            !i.caught_up
-                && i.ahead <= self.opts.max_drift_ms
-                && self.partitions.get(&i.p).is_some_and(|rt| !rt.paused)
-        });
-        let mut to_pause = TopicPartitionList::new();
-        let mut to_resume = TopicPartitionList::new();
-        for i in infos {
-            let Some(rt) = self.partitions.get_mut(&i.p) else {
+        let mut marks = Vec::new();
+        for (p, task) in &self.joins {
+            if task.replay_to.is_some() {
                 continue;
-            };
-            let quiet = now.duration_since(rt.last_record) >= self.opts.idle_timeout;
-            self.engine
-                .set_idle(i.p, quiet && i.caught_up && !rt.paused);
-            if !rt.paused && backlog_behind && i.ahead > self.opts.max_drift_ms {
-                rt.paused = true;
-                let _ = to_pause.add_partition(&i.topic, i.p.partition);
-            } else if rt.paused && (!backlog_behind || i.ahead <= self.opts.max_drift_ms / 4 * 3) {
-                rt.paused = false;
-                rt.last_record = now;
-                let _ = to_resume.add_partition(&i.topic, i.p.partition);
+            }
+            for ti in 0..3 {
+                let quiet = now.duration_since(task.last_record[ti]) >= self.opts.idle_timeout;
+                let idle = quiet && self.caught_up(&self.topics.inputs[ti], *p, task.next[ti]);
+                marks.push((*p, ti, idle));
             }
         }
-        if to_pause.count() > 0 {
-            if let Err(e) = self.consumer.pause(&to_pause) {
-                tracing::warn!(error = %e, "pausing partitions that run ahead");
-            }
-        }
-        if to_resume.count() > 0 {
-            if let Err(e) = self.consumer.resume(&to_resume) {
-                tracing::warn!(error = %e, "resuming partitions");
+        for (p, ti, idle) in marks {
+            if let Some(task) = self.joins.get_mut(&p) {
+                task.engine.set_idle(
+                    InputPartition {
+                        topic: ti as u8,
+                        partition: p,
+                    },
+                    idle,
+                );
             }
         }
     }
 
-    fn produce_outputs(&mut self) -> Result<(), RuntimeError> {
+    /// Join tasks whose partitions are all idle follow the processor
+    /// watermark the local rollups computed (see engine::rollup).
+    fn feed_back_global_watermark(&mut self) {
+        let Some(global) = self.rollups.values().map(|r| r.rollup.global()).max() else {
+            return;
+        };
+        for task in self.joins.values_mut() {
+            if task.replay_to.is_none() {
+                task.engine.on_global_watermark(global);
+            }
+        }
+    }
+
+    /// Whether this instance has nothing left to do (for --stop-when-idle).
+    fn all_idle(&self) -> bool {
+        if self.joins.len() != self.tasks_total || self.rollups.len() != self.partials_partitions {
+            return false;
+        }
+        let joins_idle = self.joins.values().all(|t| {
+            t.replay_to.is_none() && t.engine.all_idle() && t.published.is_some_and(|m| m.idle)
+        });
+        let now = Instant::now();
+        let rollups_done = self.rollups.values().all(|r| {
+            r.replay_to.is_none()
+                && now.duration_since(r.last_record) >= self.opts.idle_timeout
+                && self.caught_up(&self.topics.partials, r.partition, r.next)
+                && r.rollup.open_windows() == 0
+        });
+        joins_idle && rollups_done
+    }
+
+    /// Produces what the tasks have ready (not during their replay): side
+    /// outputs and partials of join tasks, then their marks when changed,
+    /// then the rollups' results.
+    fn flush_outputs(&mut self) -> Result<(), RuntimeError> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        for out in self.engine.take_outputs() {
-            match out {
-                Output::AdMetric(row) => send_result(
-                    &self.producer,
-                    &mut self.buf,
-                    &self.topics.ad_metrics,
-                    self.ids.ad_metric,
-                    &row.campaign_id,
-                    row.window_start,
-                    &row,
-                )?,
-                Output::CampaignCtr(row) => send_result(
-                    &self.producer,
-                    &mut self.buf,
-                    &self.topics.campaign_ctr,
-                    self.ids.campaign_ctr,
-                    &row.campaign_id,
-                    row.window_start,
-                    &row,
-                )?,
-                Output::Alert(mut alert) => {
-                    alert.detected_at = now_ms;
-                    send_result(
+        let partials = self.partials_partitions;
+        let mut produced = 0u64;
+        for task in self.joins.values_mut() {
+            if task.replay_to.is_some() {
+                continue;
+            }
+            for out in task.engine.take_outputs() {
+                produced += 1;
+                if let Output::Partial(p) = out {
+                    let q = partials_partition(&p.campaign_id, partials);
+                    let key = p.campaign_id.clone();
+                    let bytes = PartialMessage::Cells {
+                        task: task.partition as u32,
+                        partial: p,
+                    }
+                    .encode();
+                    send(
                         &self.producer,
+                        BaseRecord::to(&self.topics.partials)
+                            .partition(q)
+                            .key(key.as_bytes())
+                            .payload(&bytes),
+                    )?;
+                } else {
+                    produce_output(
+                        &self.producer,
+                        &self.topics,
+                        &self.ids,
                         &mut self.buf,
-                        &self.topics.alerts,
-                        self.ids.alert,
-                        &alert.campaign_id,
-                        alert.window_start,
-                        &alert,
-                    )?
-                }
-                Output::Partial(_) => {}
-                Output::Side { kind, raw, reason } => {
-                    let topic = match kind {
-                        SideKind::Late => &self.topics.late,
-                        SideKind::Unmatched => &self.topics.unmatched,
-                        SideKind::DeadLetter => &self.topics.dead_letter,
-                    };
-                    let src_topic = &self.topics.inputs[raw.source.topic as usize];
-                    let partition = raw.source.partition.to_string();
-                    let offset = raw.source.offset.to_string();
-                    let hdrs = OwnedHeaders::new()
-                        .insert(Header {
-                            key: headers::SOURCE_TOPIC,
-                            value: Some(src_topic.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_PARTITION,
-                            value: Some(partition.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: headers::SOURCE_OFFSET,
-                            value: Some(offset.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: headers::REASON,
-                            value: Some(reason.as_bytes()),
-                        });
-                    let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(hdrs);
-                    if let Some(k) = raw.key.as_deref() {
-                        rec = rec.key(k);
-                    }
-                    if let Some(v) = raw.value.as_deref() {
-                        rec = rec.payload(v);
-                    }
-                    if let Some(ts) = raw.timestamp {
-                        rec = rec.timestamp(ts);
-                    }
-                    send(&self.producer, rec)?;
+                        out,
+                        now_ms,
+                    )?;
                 }
             }
+            let mark = Mark {
+                watermark: task.engine.watermark(),
+                idle: task.engine.all_idle(),
+            };
+            if task.published != Some(mark) && mark.watermark > i64::MIN {
+                let bytes = PartialMessage::Mark {
+                    task: task.partition as u32,
+                    mark,
+                }
+                .encode();
+                for q in 0..partials as i32 {
+                    send(
+                        &self.producer,
+                        BaseRecord::to(&self.topics.partials)
+                            .partition(q)
+                            .payload(&bytes),
+                    )?;
+                }
+                task.published = Some(mark);
+            }
         }
+        for task in self.rollups.values_mut() {
+            if task.replay_to.is_some() {
+                continue;
+            }
+            for out in task.rollup.take_outputs() {
+                produced += 1;
+                produce_output(
+                    &self.producer,
+                    &self.topics,
+                    &self.ids,
+                    &mut self.buf,
+                    out,
+                    now_ms,
+                )?;
+            }
+        }
+        self.produced += produced;
         Ok(())
     }
 
-    /// The commit point: outputs acknowledged first, then input offsets.
-    fn commit(&mut self, metrics: &Metrics) -> Result<(), RuntimeError> {
-        self.produce_outputs()?;
-        self.producer
-            .flush(Duration::from_secs(60))
-            .map_err(kafka("flushing outputs"))?;
+    /// Aborts the open transaction (its outputs never become visible to
+    /// `read_committed` readers) and starts a new one. Tasks must be rebuilt
+    /// from their checkpoints afterwards.
+    fn abort(&mut self, why: &str) {
+        self.aborts += 1;
+        tracing::warn!(reason = why, "aborting the open transaction");
+        if let Err(e) = self.producer.abort_transaction(Duration::from_secs(30)) {
+            tracing::warn!(error = %e, "abort failed");
+        }
+        self.produced = 0;
+        if let Err(e) = self.producer.begin_transaction() {
+            tracing::warn!(error = %e, "cannot begin a transaction after an abort");
+        }
+    }
+
+    /// Aborts and rebuilds every task from its checkpoint (transaction errors).
+    fn reset_tasks(&mut self, why: &str) -> Result<(), RuntimeError> {
+        self.abort(why);
+        let assigned: Vec<(String, i32)> = self
+            .consumer
+            .assignment()
+            .map_err(kafka("reading the assignment"))?
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        self.joins.clear();
+        self.rollups.clear();
+        self.restore_tasks(&assigned)
+    }
+
+    /// The commit point: one transaction holds the outputs since the last
+    /// commit and the positions of every task that has caught up.
+    fn commit(&mut self, metrics: &Metrics, last: bool) -> Result<(), RuntimeError> {
+        self.flush_outputs()?;
+        if self.max_poll_gap > self.session_timeout {
+            // Paused past the session timeout: the group has likely moved our
+            // partitions. Apache Kafka would fence the commit (KIP-447); not
+            // every broker does, so do not try.
+            let gap = self.max_poll_gap;
+            tracing::warn!(
+                gap_ms = gap.as_millis() as u64,
+                "no poll for longer than the session timeout; not committing"
+            );
+            return self.reset_tasks("possibly a zombie: paused past the session timeout");
+        }
+        let checkpoint_due =
+            last || self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval;
+        let mut tpl = TopicPartitionList::new();
+        let mut checkpoints: Vec<(String, Vec<i64>, Vec<u8>)> = Vec::new();
+        for task in self.joins.values() {
+            if task.replay_to.is_some() {
+                continue;
+            }
+            for (ti, next) in task.next.iter().enumerate() {
+                if *next > 0 {
+                    tpl.add_partition_offset(
+                        &self.topics.inputs[ti],
+                        task.partition,
+                        Offset::Offset(*next),
+                    )
+                    .map_err(kafka("building the commit"))?;
+                }
+            }
+            if checkpoint_due && task.checkpointed != Some(task.next) {
+                checkpoints.push((task.name(), task.next.to_vec(), task.engine.checkpoint()));
+            }
+        }
+        for task in self.rollups.values() {
+            if task.replay_to.is_some() {
+                continue;
+            }
+            if task.next > 0 {
+                tpl.add_partition_offset(
+                    &self.topics.partials,
+                    task.partition,
+                    Offset::Offset(task.next),
+                )
+                .map_err(kafka("building the commit"))?;
+            }
+            if checkpoint_due && task.checkpointed != Some(task.next) {
+                checkpoints.push((task.name(), vec![task.next], task.rollup.snapshot()));
+            }
+        }
+        if checkpoint_due {
+            self.last_checkpoint = Instant::now();
+        }
+        if !checkpoints.is_empty() {
+            let t0 = Instant::now();
+            let bytes: usize = checkpoints.iter().map(|c| c.2.len()).sum();
+            for (name, pos, state) in &checkpoints {
+                self.rt.block_on(self.store.put(name, pos, state.clone()))?;
+            }
+            tracing::debug!(
+                tasks = checkpoints.len(),
+                bytes,
+                ms = t0.elapsed().as_millis() as u64,
+                "checkpoints written"
+            );
+        }
+        if tpl.count() == 0 && self.produced == 0 {
+            return Ok(());
+        }
+        let Some(group) = self.consumer.group_metadata() else {
+            return self.reset_tasks("no consumer group metadata");
+        };
+        let result = self
+            .producer
+            .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
+            .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+        if let Err(e) = result {
+            if let KafkaError::Transaction(te) = &e {
+                if te.is_fatal()
+                    || te.code() == RDKafkaErrorCode::Fenced
+                    || te.code() == RDKafkaErrorCode::ProducerFenced
+                {
+                    return Err(kafka(
+                        "committing a transaction (fenced by another instance)",
+                    )(e));
+                }
+            }
+            tracing::warn!(error = %e, "transaction failed; rebuilding tasks from their checkpoints");
+            return self.reset_tasks("transaction failed");
+        }
         let acks = self.producer.context();
-        let failed = acks.failed.load(Ordering::Relaxed);
+        let failed = acks.failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
             let first = acks
                 .first_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone()
+                .take()
                 .unwrap_or_default();
             return Err(RuntimeError::Undelivered { failed, first });
         }
-        if self.positions.is_empty() {
-            return Ok(());
+        self.commits += 1;
+        metrics.committed();
+        if self.produced > 0 && !self.first_output_committed {
+            self.first_output_committed = true;
+            tracing::info!(
+                since_start_ms = self.started.elapsed().as_millis() as u64,
+                "first output committed"
+            );
         }
-        let mut tpl = TopicPartitionList::new();
-        for ((ti, partition), pos) in &self.positions {
-            tpl.add_partition_offset(&self.topics.inputs[*ti], *partition, Offset::Offset(*pos))
-                .map_err(kafka("building the commit"))?;
-        }
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => {
-                self.commits += 1;
-                metrics.committed();
-                Ok(())
+        self.produced = 0;
+        self.max_poll_gap = Duration::ZERO;
+        for (name, pos, _) in checkpoints {
+            if let Some(t) = self.joins.values_mut().find(|t| t.name() == name) {
+                t.checkpointed = Some(t.next);
             }
-            // A rebalance in progress: the next commit covers these offsets.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)) => {
-                tracing::warn!("commit skipped during a rebalance");
-                Ok(())
+            if let Some(t) = self.rollups.values_mut().find(|t| t.name() == name) {
+                t.checkpointed = Some(t.next);
             }
-            Err(e) => Err(kafka("committing offsets")(e)),
+            // The checkpoint is now at or below the committed offsets: older ones are no longer needed.
+            if let Err(e) = self.rt.block_on(self.store.prune(&name, &pos)) {
+                tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
+            }
         }
+        if !last {
+            self.producer
+                .begin_transaction()
+                .map_err(kafka("beginning a transaction"))?;
+        }
+        Ok(())
     }
 
     fn publish_status(&self, status: &Status, metrics: &Metrics) {
-        let sizes = self.engine.join_sizes();
+        let mut stats = EngineStats::default();
+        let mut sizes = crate::engine::join::JoinSizes::default();
+        let mut open_windows = 0;
+        for t in self.joins.values() {
+            let s = t.engine.stats();
+            for (a, b) in stats.by_topic.iter_mut().zip(&s.by_topic) {
+                a.input += b.input;
+                a.counted += b.counted;
+                a.late += b.late;
+                a.duplicate += b.duplicate;
+                a.unmatched += b.unmatched;
+                a.dead_letter += b.dead_letter;
+            }
+            let z = t.engine.join_sizes();
+            sizes.impressions += z.impressions;
+            sizes.matched_clicks += z.matched_clicks;
+            sizes.pending_clicks += z.pending_clicks;
+            sizes.pending_conversions += z.pending_conversions;
+            open_windows += t.engine.open_windows();
+        }
+        for r in self.rollups.values() {
+            let s = r.rollup.stats();
+            stats.ad_metric_rows += s.ad_metric_rows;
+            stats.campaign_rows += s.campaign_rows;
+            stats.alerts += s.alerts;
+            stats.windows_closed += s.windows_closed;
+            open_windows += r.rollup.open_windows();
+        }
+        let watermark = self
+            .rollups
+            .values()
+            .map(|r| r.rollup.watermark())
+            .min()
+            .unwrap_or(i64::MIN);
         metrics.update(
-            self.engine.stats(),
-            self.engine.watermark(),
+            &stats,
+            watermark,
             &[
                 ("impressions", sizes.impressions),
                 ("matched_clicks", sizes.matched_clicks),
                 ("pending_clicks", sizes.pending_clicks),
                 ("pending_conversions", sizes.pending_conversions),
-                ("open_windows", self.engine.open_windows()),
+                ("open_windows", open_windows),
             ],
         );
+        let assigned = self.joins.len() * 3;
+        let idle = self
+            .joins
+            .values()
+            .map(|t| {
+                (0..3u8)
+                    .filter(|ti| {
+                        t.engine.is_idle(InputPartition {
+                            topic: *ti,
+                            partition: t.partition,
+                        })
+                    })
+                    .count()
+            })
+            .sum();
         status.set(StatusSnapshot {
-            stats: self.engine.stats().clone(),
-            watermark: self.engine.watermark(),
-            assigned: self.partitions.len(),
-            idle: self
-                .partitions
-                .keys()
-                .filter(|p| self.engine_is_idle(**p))
-                .count(),
+            stats,
+            watermark,
+            assigned,
+            idle,
             commits: self.commits,
             outputs_acked: self.producer.context().acked.load(Ordering::Relaxed),
+            join_tasks: self.joins.len(),
+            rollup_tasks: self.rollups.len(),
+            restores: self.restores,
+            aborts: self.aborts,
         });
     }
+}
 
-    fn engine_is_idle(&self, p: InputPartition) -> bool {
-        self.engine.is_idle(p)
+/// Produces one result or side output.
+fn produce_output(
+    producer: &ThreadedProducer<Acks>,
+    topics: &Topics,
+    ids: &SchemaIds,
+    buf: &mut Vec<u8>,
+    out: Output,
+    now_ms: i64,
+) -> Result<(), RuntimeError> {
+    match out {
+        Output::AdMetric(row) => send_result(
+            producer,
+            buf,
+            &topics.ad_metrics,
+            ids.ad_metric,
+            &row.campaign_id,
+            row.window_start,
+            &row,
+        ),
+        Output::CampaignCtr(row) => send_result(
+            producer,
+            buf,
+            &topics.campaign_ctr,
+            ids.campaign_ctr,
+            &row.campaign_id,
+            row.window_start,
+            &row,
+        ),
+        Output::Alert(mut alert) => {
+            alert.detected_at = now_ms;
+            send_result(
+                producer,
+                buf,
+                &topics.alerts,
+                ids.alert,
+                &alert.campaign_id,
+                alert.window_start,
+                &alert,
+            )
+        }
+        // Partials are routed by the caller.
+        Output::Partial(_) => Ok(()),
+        Output::Side { kind, raw, reason } => {
+            let topic = match kind {
+                SideKind::Late => &topics.late,
+                SideKind::Unmatched => &topics.unmatched,
+                SideKind::DeadLetter => &topics.dead_letter,
+            };
+            let src_topic = &topics.inputs[raw.source.topic as usize];
+            let partition = raw.source.partition.to_string();
+            let offset = raw.source.offset.to_string();
+            let hdrs = OwnedHeaders::new()
+                .insert(Header {
+                    key: headers::SOURCE_TOPIC,
+                    value: Some(src_topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_PARTITION,
+                    value: Some(partition.as_bytes()),
+                })
+                .insert(Header {
+                    key: headers::SOURCE_OFFSET,
+                    value: Some(offset.as_bytes()),
+                })
+                .insert(Header {
+                    key: headers::REASON,
+                    value: Some(reason.as_bytes()),
+                });
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(hdrs);
+            if let Some(k) = raw.key.as_deref() {
+                rec = rec.key(k);
+            }
+            if let Some(v) = raw.value.as_deref() {
+                rec = rec.payload(v);
+            }
+            if let Some(ts) = raw.timestamp {
+                rec = rec.timestamp(ts);
+            }
+            send(producer, rec)
+        }
     }
 }
 

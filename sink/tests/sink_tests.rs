@@ -459,7 +459,12 @@ fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
         engine: EngineConfig::default(),
         idle_timeout: Duration::from_secs(2),
         commit_interval: Duration::from_secs(1),
-        max_drift_ms: 3_600_000,
+        instance_id: "0".into(),
+        state_url: format!(
+            "file://{}",
+            std::env::temp_dir().join("adstream-state").display()
+        ),
+        checkpoint_interval: std::time::Duration::from_secs(10),
         stop_when_idle: true,
     };
     run_processor(
