@@ -7,7 +7,7 @@ CARGO ?= cargo
 DEMO_DIR ?= .stack/demo
 DEMO_EVENTS ?= 600000
 
-.PHONY: all build bootstrap stack-up stack-down stack-status topics demo test test-unit lint fmt check-schemas check-compose clean bench
+.PHONY: all build bootstrap stack-up stack-down stack-status topics demo test test-unit lint fmt check-schemas check-compose clean bench chaos
 
 all: build
 
@@ -101,6 +101,15 @@ bench: bootstrap stack-up
 	  --quix-python "$${ADSTREAM_BENCH_VENV:-$$HOME/.cache/adstream/venv-bench}/bin/python" \
 	  $(BENCH_ARGS)
 	@cat bench/results.md
+
+# The full fault run of issue 7: 1 M events, 24 kill -9 of random processor
+# instances, scale 1 -> 3 -> 1 and a SIGSTOP zombie; result topics compared
+# with the oracle. CHAOS_EVENTS / CHAOS_KILLS / ADSTREAM_CHAOS_SEED to vary it.
+CHAOS_EVENTS ?= 1000000
+CHAOS_KILLS ?= 24
+chaos: bootstrap stack-up
+	@eval "$$(scripts/stack.sh env)"; ADSTREAM_CHAOS_EVENTS=$(CHAOS_EVENTS) ADSTREAM_CHAOS_KILLS=$(CHAOS_KILLS) \
+	  $(CARGO) test --locked --release -p adstream-processor --test chaos_tests -- --nocapture
 
 clean:
 	$(CARGO) clean

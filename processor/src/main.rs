@@ -61,11 +61,12 @@ struct Args {
     /// How often one transaction commits outputs and input offsets.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     commit_interval: Duration,
-    /// Stable name of this instance (its transactional id is `<group-id>-<instance-id>`).
-    /// Give a restarted instance its old name: it then fences the open
-    /// transaction of its previous incarnation at once.
-    #[arg(long, env = "PROCESSOR_INSTANCE_ID", default_value = "0")]
-    instance_id: String,
+    /// Stable name of this instance, unique in its group (its transactional
+    /// id is `<group-id>-<instance-id>`). Give a restarted instance its old
+    /// name: it then fences the open transaction of its previous incarnation
+    /// at once. Default: $HOSTNAME, else "0".
+    #[arg(long, env = "PROCESSOR_INSTANCE_ID")]
+    instance_id: Option<String>,
     /// Where task checkpoints are stored: s3://bucket/prefix (AWS_* variables
     /// configure S3), file:///dir, ... Every instance of a group must use
     /// the same store. Default: .adstream/processor-state under the working directory.
@@ -144,7 +145,10 @@ fn main() -> anyhow::Result<()> {
         },
         idle_timeout: args.idle_timeout,
         commit_interval: args.commit_interval,
-        instance_id: args.instance_id,
+        instance_id: args
+            .instance_id
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "0".to_owned()),
         state_url,
         checkpoint_interval: args.checkpoint_interval,
         stop_when_idle: args.stop_when_idle,

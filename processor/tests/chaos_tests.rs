@@ -7,13 +7,13 @@
 //! its session timeout. At the end the result topics, read with
 //! `read_committed`, must hold exactly the oracle's rows and side outputs.
 //!
-//! On a broker that hides aborted transactions (Apache Kafka) every
-//! (window, key) must appear once. tansu shows aborted records to
-//! `read_committed` readers (STACK.md), so there the test proves what it
-//! can: the distinct rows equal the oracle's, and every extra copy is
-//! byte-identical to the committed one (a deterministic replay of an
-//! aborted transaction), and it reports how many extra copies it saw.
-//! The probe at the start decides which case applies.
+//! On Apache Kafka (`ADSTREAM_BROKER_FENCES=1`, and a probe confirms the
+//! broker hides aborted records) every (window, key) must appear once.
+//! tansu neither fences a stale member's transactional offset commit nor
+//! (in some cases) hides aborted records (STACK.md), so there the test
+//! proves what it can: the distinct rows and side outputs equal the
+//! oracle's, every extra copy is byte-identical to the first (a
+//! deterministic replay), and it reports how many extra copies it saw.
 //!
 //! Sizes: `ADSTREAM_CHAOS_EVENTS` (default 200 000) and
 //! `ADSTREAM_CHAOS_KILLS` (default 8); `make chaos` runs 1 000 000 events
@@ -29,8 +29,8 @@ use adstream_producer::generator::GeneratorConfig;
 use adstream_producer::{parse_time_ms, run as run_producer, RunOptions, Target};
 use adstream_testkit::{read_all, unique_prefix, Consumed, Stack};
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -79,7 +79,9 @@ struct Cluster {
 impl Cluster {
     fn spawn(&mut self, id: usize) {
         self.incarnations += 1;
-        let log = self.dir.join(format!("processor-{id}-{}.log", self.incarnations));
+        let log = self
+            .dir
+            .join(format!("processor-{id}-{}.log", self.incarnations));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_adstream-processor"))
             .args(["--bootstrap-servers", &self.stack.bootstrap])
@@ -95,6 +97,7 @@ impl Cluster {
             .args(["--idle-timeout", "2s", "--metrics-addr", ""])
             .args(["-X", "session.timeout.ms=6000"])
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -129,8 +132,21 @@ fn signal(child: &Child, sig: &str) {
 
 /// Time from start to the first committed output, from an instance's log.
 fn recovery_ms(log: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let line = text.lines().find(|l| l.contains("first output committed"))?;
+    let raw = std::fs::read_to_string(log).ok()?;
+    // Drop ANSI colour sequences (ESC '[' ... 'm').
+    let mut text = String::with_capacity(raw.len());
+    let mut in_escape = false;
+    for c in raw.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => text.push(c),
+        }
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("first output committed"))?;
     let v = line.split("since_start_ms=").nth(1)?;
     v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
@@ -154,9 +170,17 @@ fn broker_hides_aborted(stack: &Stack, prefix: &str) -> bool {
     p.send(BaseRecord::<[u8], [u8]>::to(&probe_topic).payload(b"committed"))
         .map_err(|(e, _)| e)
         .expect("send");
-    p.commit_transaction(Duration::from_secs(30)).expect("commit");
-    let seen = read_all(&stack.bootstrap, &[probe_topic], Some(1), Duration::from_secs(3));
-    !seen.iter().any(|r| r.value.as_deref() == Some(&b"aborted"[..]))
+    p.commit_transaction(Duration::from_secs(30))
+        .expect("commit");
+    let seen = read_all(
+        &stack.bootstrap,
+        &[probe_topic],
+        None,
+        Duration::from_secs(3),
+    );
+    !seen
+        .iter()
+        .any(|r| r.value.as_deref() == Some(&b"aborted"[..]))
 }
 
 #[derive(serde::Deserialize)]
@@ -220,7 +244,12 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     let prefix = unique_prefix("chaos");
     rt.block_on(stack.create_topics(&prefix, 6));
     let hides_aborted = broker_hides_aborted(&stack, &prefix);
-    eprintln!("broker hides aborted transactions from read_committed readers: {hides_aborted}");
+    // Exactly once in the topics needs the broker to hide aborted records and
+    // to fence a stale member's transactional offset commit (KIP-447). The
+    // first is probed; the second is not observable from a client without a
+    // rebalance race, so it is declared: ADSTREAM_BROKER_FENCES=1 on Apache Kafka.
+    let strict = hides_aborted && std::env::var("ADSTREAM_BROKER_FENCES").is_ok_and(|v| v == "1");
+    eprintln!("broker hides aborted transactions from read_committed readers: {hides_aborted}; strict exactly-once check: {strict}");
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_path_buf();
     let recording = dir.join("sent.jsonl");
@@ -314,7 +343,10 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     }
     assert!(cluster.live.len() == 1, "scaled back to one instance");
 
-    assert!(oracle.wait().expect("oracle ran").success(), "oracle failed");
+    assert!(
+        oracle.wait().expect("oracle ran").success(),
+        "oracle failed"
+    );
     let expected: OracleOut = serde_json::from_reader(std::io::BufReader::new(
         std::fs::File::open(&oracle_out).expect("oracle output"),
     ))
@@ -324,12 +356,35 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     let topic = |t: &str| vec![format!("{prefix}{t}")];
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
-        let got = read_all(&stack.bootstrap, &topic("campaign-ctr"), None, Duration::from_secs(2));
+        let got = read_all(
+            &stack.bootstrap,
+            &topic("campaign-ctr"),
+            None,
+            Duration::from_secs(2),
+        );
         let keys: BTreeSet<(Vec<u8>, i64)> = got
             .iter()
             .map(|r| (r.key.clone().unwrap_or_default(), r.timestamp.unwrap_or(0)))
             .collect();
-        if keys.len() >= expected.campaign_ctr.len() {
+        // Unmatched records are the last outputs (they need the final watermark).
+        let unmatched: BTreeSet<(String, String, String)> = read_all(
+            &stack.bootstrap,
+            &topic("ad-unmatched"),
+            None,
+            Duration::from_secs(2),
+        )
+        .iter()
+        .map(|c| {
+            (
+                header(c, "source_topic").to_owned(),
+                header(c, "source_partition").to_owned(),
+                header(c, "source_offset").to_owned(),
+            )
+        })
+        .collect();
+        if keys.len() >= expected.campaign_ctr.len()
+            && unmatched.len() >= expected.side_outputs["unmatched"].len()
+        {
             break;
         }
         assert!(
@@ -383,9 +438,14 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             &want_metrics,
             &decode_metric as &dyn Fn(&[u8]) -> serde_json::Value,
         ),
-        ("campaign-ctr", "campaign-ctr", &want_campaigns, &decode_campaign),
+        (
+            "campaign-ctr",
+            "campaign-ctr",
+            &want_campaigns,
+            &decode_campaign,
+        ),
     ] {
-        let records = read_all(&stack.bootstrap, &topic(t), Some(want.len()), idle);
+        let records = read_all(&stack.bootstrap, &topic(t), None, idle);
         let read = records.len();
         let (rows, extra) = distinct(name, records, |r| {
             decode(r.value.as_deref().expect("value")).to_string()
@@ -403,8 +463,9 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
         ("unmatched", "ad-unmatched", "unmatched"),
         ("dead letter", "ad-dead-letter", "dead_letter"),
     ] {
-        let want: BTreeSet<(String, i64, i64)> = expected.side_outputs[key].iter().cloned().collect();
-        let records = read_all(&stack.bootstrap, &topic(t), Some(want.len()), idle);
+        let want: BTreeSet<(String, i64, i64)> =
+            expected.side_outputs[key].iter().cloned().collect();
+        let records = read_all(&stack.bootstrap, &topic(t), None, idle);
         let (rows, extra) = distinct(name, records, |c| {
             let topic = header(c, "source_topic")
                 .strip_prefix(prefix.as_str())
@@ -415,17 +476,27 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             (topic, p, o)
         });
         let got: BTreeSet<(String, i64, i64)> = rows.into_keys().collect();
-        eprintln!("{name}: distinct {}, oracle {}, extra copies {extra}", got.len(), want.len());
+        eprintln!(
+            "{name}: distinct {}, oracle {}, extra copies {extra}",
+            got.len(),
+            want.len()
+        );
         assert_eq!(got, want, "{name} records are the oracle's");
         total_extra += extra;
     }
-    if hides_aborted {
+    if strict {
         assert_eq!(total_extra, 0, "each (window, key) exactly once");
     } else {
-        eprintln!("{total_extra} extra copies, all byte-identical to the committed record (aborted transactions this broker shows to read_committed readers)");
+        eprintln!(
+            "{total_extra} extra copies, each byte-identical to the first: records of aborted \
+             transactions (shown to read_committed readers: {}) or of a commit the broker did \
+             not fence",
+            !hides_aborted
+        );
     }
 
-    let zombie = std::fs::read_to_string(zombie_log.expect("zombie phase ran")).expect("zombie log");
+    let zombie =
+        std::fs::read_to_string(zombie_log.expect("zombie phase ran")).expect("zombie log");
     assert!(
         zombie.contains("paused past the session timeout"),
         "the resumed zombie refused to commit: {zombie}"
