@@ -339,7 +339,14 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             inst.started.elapsed().as_secs_f64()
         );
         cluster.spawn(id);
-        restarted.push((id, cluster.live[&id].log.clone()));
+        let log = cluster.live[&id].log.clone();
+        // Let it recover (or give up after 20 s: with the input done there is
+        // no new output to commit), so every kill gets a recovery time.
+        let t0 = Instant::now();
+        while recovery_ms(&log).is_none() && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        restarted.push((id, log));
     }
     assert!(cluster.live.len() == 1, "scaled back to one instance");
 
