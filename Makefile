@@ -109,7 +109,7 @@ CHAOS_EVENTS ?= 1000000
 CHAOS_KILLS ?= 24
 chaos: bootstrap stack-up
 	@eval "$$(scripts/stack.sh env)"; ADSTREAM_CHAOS_EVENTS=$(CHAOS_EVENTS) ADSTREAM_CHAOS_KILLS=$(CHAOS_KILLS) \
-	  $(CARGO) test --locked --release -p adstream-processor --test chaos_tests -- --nocapture
+	  $(CARGO) build --locked --release -p adstream-processor && $(CARGO) test --locked --release -p adstream-sink --test chaos_tests -- --nocapture
 
 clean:
 	$(CARGO) clean

@@ -1,33 +1,50 @@
-//! Chaos: exactly-once under kill -9, scale-out and a paused (zombie) instance.
+//! Chaos (issue 7): exactly-once under kill -9, scale-out and a paused
+//! (zombie) instance, through processor and sink.
 //!
-//! Seeded events are produced once; processor *processes* (the real binary)
-//! run in one consumer group while the test kills a random instance with
-//! SIGKILL at random moments and restarts it under the same instance id,
-//! scales the group 1 → 3 → 1, and pauses one instance with SIGSTOP past
-//! its session timeout. At the end the result topics, read with
-//! `read_committed`, must hold exactly the oracle's rows and side outputs.
+//! Seeded events are produced once. Processor *processes* (the real binary)
+//! run in one consumer group and one `adstream-sink all` process loads the
+//! results into PostgreSQL and every topic into object storage. At random
+//! moments the test kills (SIGKILL) a random processor or sink instance and
+//! restarts it (a processor under the same instance id), scales the
+//! processors 1 → 3 → 1, and pauses one processor with SIGSTOP past its
+//! session timeout (the zombie: it must refuse to commit when resumed).
+//! At the end:
+//! - the result and side-output topics, read with `read_committed`, hold
+//!   exactly the oracle's rows and records (which also shows no input record
+//!   was lost or counted twice: the counts inside the rows and the late,
+//!   unmatched and dead-letter sets all match);
+//! - PostgreSQL holds exactly the oracle's rows;
+//! - storage holds every Kafka record of the six topics exactly once.
+//!
+//! It prints the recovery time of every kill (restart → next committed output).
 //!
 //! On Apache Kafka (`ADSTREAM_BROKER_FENCES=1`, and a probe confirms the
-//! broker hides aborted records) every (window, key) must appear once.
-//! tansu neither fences a stale member's transactional offset commit nor
-//! (in some cases) hides aborted records (STACK.md), so there the test
-//! proves what it can: the distinct rows and side outputs equal the
-//! oracle's, every extra copy is byte-identical to the first (a
-//! deterministic replay), and it reports how many extra copies it saw.
+//! broker hides aborted records) every (window, key) must appear once in the
+//! topics. tansu neither fences a stale member's transactional offset commit
+//! nor hides aborted records (STACK.md), so there the test proves what it
+//! can: the distinct rows and side outputs equal the oracle's, every extra
+//! copy is byte-identical to the first (a deterministic replay), and it
+//! reports how many extra copies it saw.
 //!
 //! Sizes: `ADSTREAM_CHAOS_EVENTS` (default 200 000) and
 //! `ADSTREAM_CHAOS_KILLS` (default 8); `make chaos` runs 1 000 000 events
-//! and 24 kills.
+//! and 24 kills. The processor binary must be built (`make test` and
+//! `make chaos` build it).
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use adstream_producer::generator::GeneratorConfig;
-use adstream_producer::{parse_time_ms, run as run_producer, RunOptions, Target};
+use adstream_producer::parse_time_ms;
 use adstream_testkit::{read_all, unique_prefix, Consumed, Stack};
+use common::{
+    check_storage, committed_past_all, connect, count_rows, fresh_database, metric_key,
+    object_store_url, pg_ad_metrics, pg_campaigns, produce, stored_topics,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -42,8 +59,28 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("processor/ has a parent")
+        .expect("sink/ has a parent")
 }
+
+/// The processor binary next to this test's profile directory
+/// (target/<profile>/adstream-processor).
+fn processor_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("adstream-processor");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p adstream-processor, same profile)",
+        bin.display()
+    );
+    bin
+}
+
+/// The id the sink instance has among the cluster's instances.
+const SINK: usize = 100;
 
 /// A small deterministic random source (the seed is printed).
 struct Rng(u64);
@@ -72,18 +109,53 @@ struct Cluster {
     stack: Stack,
     prefix: String,
     dir: PathBuf,
+    db_url: String,
+    store_url: String,
     live: BTreeMap<usize, Instance>,
     incarnations: usize,
 }
 
 impl Cluster {
+    fn spawn_sink(&mut self) {
+        self.incarnations += 1;
+        let log = self.dir.join(format!("sink-{}.log", self.incarnations));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_adstream-sink"))
+            .args(["--metrics-addr", "127.0.0.1:0", "all"])
+            .args(["--topic-prefix", &self.prefix])
+            .args(["--batch-size", "2000", "--linger", "200ms"])
+            .args(["--group", &format!("{}s3", self.prefix)])
+            .args(["--max-records", "20000", "--max-open", "2s"])
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.stack.bootstrap)
+            .env("SCHEMA_REGISTRY_URL", &self.stack.registry_url)
+            .env("DATABASE_URL", &self.db_url)
+            .env("OBJECT_STORE_URL", &self.store_url)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("sink binary runs");
+        self.live.insert(
+            SINK,
+            Instance {
+                id: SINK,
+                child,
+                log,
+                started: Instant::now(),
+            },
+        );
+    }
+
     fn spawn(&mut self, id: usize) {
+        if id == SINK {
+            return self.spawn_sink();
+        }
         self.incarnations += 1;
         let log = self
             .dir
             .join(format!("processor-{id}-{}.log", self.incarnations));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_adstream-processor"))
+        let child = Command::new(processor_binary())
             .args(["--bootstrap-servers", &self.stack.bootstrap])
             .args(["--schema-registry-url", &self.stack.registry_url])
             .args(["--topic-prefix", &self.prefix])
@@ -254,35 +326,23 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     let dir = tmp.path().to_path_buf();
     let recording = dir.join("sent.jsonl");
     let start_time = parse_time_ms("2026-03-01T00:00:00Z").expect("time");
-    run_producer(
-        RunOptions {
-            generator: GeneratorConfig {
-                seed: 4242,
-                start_time_ms: start_time,
-                event_rate: 60.0,
-                duplicate_rate: 0.01,
-                late_rate: 0.002,
-                invalid_rate: 0.001,
-                orphan_click_rate: 0.002,
-                orphan_conversion_rate: 0.001,
-                ..Default::default()
-            },
-            events: Some(n),
-            duration: None,
-            rate: None,
-            target: Target::Kafka {
-                bootstrap: stack.bootstrap.clone(),
-                registry_url: stack.registry_url.clone(),
-                overrides: Vec::new(),
-                topic_prefix: prefix.clone(),
-            },
-            record: Some(recording.clone()),
-            episodes_out: None,
-            progress_every: Duration::from_secs(3600),
+    produce(
+        &stack,
+        &prefix,
+        GeneratorConfig {
+            seed: 4242,
+            start_time_ms: start_time,
+            event_rate: 60.0,
+            duplicate_rate: 0.01,
+            late_rate: 0.002,
+            invalid_rate: 0.001,
+            orphan_click_rate: 0.002,
+            orphan_conversion_rate: 0.001,
+            ..Default::default()
         },
-        &AtomicBool::new(false),
-    )
-    .expect("producer");
+        n,
+        Some(recording.clone()),
+    );
     let oracle_out = dir.join("oracle.json");
     let mut oracle = Command::new("python3")
         .arg(repo_root().join("oracle/oracle.py"))
@@ -292,16 +352,31 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
         .spawn()
         .expect("python3 runs the oracle");
 
+    let db_url = rt.block_on(fresh_database(&prefix));
+    let store_url = object_store_url(&prefix);
     let mut cluster = Cluster {
         stack: stack.clone(),
         prefix: prefix.clone(),
         dir: dir.clone(),
+        db_url: db_url.clone(),
+        store_url: store_url.clone(),
         live: BTreeMap::new(),
         incarnations: 0,
     };
     cluster.spawn(0);
+    cluster.spawn_sink();
+    let client = rt.block_on(connect(&db_url));
+    let loaded = || {
+        rt.block_on(client.query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets",
+            &[],
+        ))
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+    };
     // (instance, log of the restarted incarnation) per kill
     let mut restarted: Vec<(usize, PathBuf)> = Vec::new();
+    let mut sink_recoveries: Vec<u64> = Vec::new();
     let mut kills_done = 0;
     let mut zombie_log = None;
     for i in 0..kills {
@@ -334,21 +409,39 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
         let inst = cluster.kill(id).expect("live instance");
         kills_done += 1;
         eprintln!(
-            "kill -9 instance {} after {:.1}s",
-            inst.id,
+            "kill -9 {} after {:.1}s",
+            if inst.id == SINK {
+                "the sink".to_owned()
+            } else {
+                format!("processor {}", inst.id)
+            },
             inst.started.elapsed().as_secs_f64()
         );
+        let before = loaded();
+        let t_restart = Instant::now();
         cluster.spawn(id);
         let log = cluster.live[&id].log.clone();
         // Let it recover (or give up after 20 s: with the input done there is
         // no new output to commit), so every kill gets a recovery time.
-        let t0 = Instant::now();
-        while recovery_ms(&log).is_none() && t0.elapsed() < Duration::from_secs(20) {
+        while t_restart.elapsed() < Duration::from_secs(20) {
+            if id == SINK && loaded() > before {
+                sink_recoveries.push(t_restart.elapsed().as_millis() as u64);
+                break;
+            }
+            if id != SINK && recovery_ms(&log).is_some() {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
-        restarted.push((id, log));
+        if id != SINK {
+            restarted.push((id, log));
+        }
     }
-    assert!(cluster.live.len() == 1, "scaled back to one instance");
+    assert_eq!(
+        cluster.live.keys().copied().collect::<Vec<_>>(),
+        vec![0, SINK],
+        "scaled back to one processor (plus the sink)"
+    );
 
     assert!(
         oracle.wait().expect("oracle ran").success(),
@@ -412,8 +505,26 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     }
     std::thread::sleep(Duration::from_secs(4));
     for id in cluster.live.keys().copied().collect::<Vec<_>>() {
-        cluster.kill(id);
+        if id != SINK {
+            cluster.kill(id);
+        }
     }
+    // The sink finishes loading what the topics now hold.
+    let kafka = stored_topics(&stack, &prefix);
+    let s3_group = format!("{prefix}s3");
+    let t0 = Instant::now();
+    while count_rows(&rt, &client, "ad_metrics") < expected.ad_metrics.len() as i64
+        || count_rows(&rt, &client, "campaign_ctr") < expected.campaign_ctr.len() as i64
+        || !committed_past_all(&stack.bootstrap, &s3_group, &prefix, &kafka)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the sink did not finish loading"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.kill(SINK);
 
     // Compare with the oracle.
     let idle = Duration::from_secs(5);
@@ -502,6 +613,25 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
         );
     }
 
+    let got = pg_ad_metrics(&rt, &client);
+    let mut want = expected.ad_metrics.clone();
+    want.sort_by_key(metric_key);
+    assert_eq!(got.len(), want.len(), "ad_metrics row count in PostgreSQL");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "ad_metrics row {i} in PostgreSQL");
+    }
+    let got_campaigns = pg_campaigns(&rt, &client);
+    let mut want_c = expected.campaign_ctr.clone();
+    want_c.sort_by_key(|m| (m.window_start, m.campaign_id.clone()));
+    assert_eq!(got_campaigns, want_c, "campaign_ctr rows in PostgreSQL");
+    eprintln!(
+        "PostgreSQL: {} ad_metrics and {} campaign_ctr rows equal to the oracle's",
+        got.len(),
+        got_campaigns.len()
+    );
+    let (objects, records) = check_storage(&rt, &store_url, &kafka);
+    eprintln!("storage: {objects} objects hold all {records} Kafka records exactly once");
+
     let zombie =
         std::fs::read_to_string(zombie_log.expect("zombie phase ran")).expect("zombie log");
     assert!(
@@ -520,11 +650,14 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     }
     times.sort_unstable();
     eprintln!(
-        "kills: {kills_done}; recovery (restart -> next committed output): median {} ms, max {} ms over {} measured",
+        "kills: {kills_done}; processor recovery (restart -> next committed output): median {} ms, max {} ms over {} measured",
         times.get(times.len() / 2).copied().unwrap_or(0),
         times.last().copied().unwrap_or(0),
         times.len()
     );
+    for ms in &sink_recoveries {
+        eprintln!("sink: restart -> next committed load {ms} ms");
+    }
     assert!(kills_done >= kills, "every scheduled kill happened");
     assert!(!times.is_empty(), "at least one recovery measured");
 }
