@@ -259,7 +259,8 @@ struct JoinTask {
     paused: [bool; 3],
     last_record: [Instant; 3],
     published: Option<Mark>,
-    checkpointed: Option<[i64; 3]>,
+    /// Positions and watermark of the last checkpoint written.
+    checkpointed: Option<([i64; 3], i64)>,
 }
 
 impl JoinTask {
@@ -861,7 +862,7 @@ impl Shell<'_> {
                 paused: [false; 3],
                 last_record: [now; 3],
                 published: None,
-                checkpointed: Some(from),
+                checkpointed: None,
             };
             if task.replay_done() {
                 task.replay_to = None;
@@ -1132,10 +1133,7 @@ impl Shell<'_> {
             );
             return self.reset_tasks("possibly a zombie: paused past the session timeout");
         }
-        let checkpoint_due =
-            last || self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval;
         let mut tpl = TopicPartitionList::new();
-        let mut checkpoints: Vec<(String, Vec<i64>, Vec<u8>)> = Vec::new();
         for task in self.joins.values() {
             if task.replay_to.is_some() {
                 continue;
@@ -1150,15 +1148,9 @@ impl Shell<'_> {
                     .map_err(kafka("building the commit"))?;
                 }
             }
-            if checkpoint_due && task.checkpointed != Some(task.next) {
-                checkpoints.push((task.name(), task.next.to_vec(), task.engine.checkpoint()));
-            }
         }
         for task in self.rollups.values() {
-            if task.replay_to.is_some() {
-                continue;
-            }
-            if task.next > 0 {
+            if task.replay_to.is_none() && task.next > 0 {
                 tpl.add_partition_offset(
                     &self.topics.partials,
                     task.partition,
@@ -1166,36 +1158,21 @@ impl Shell<'_> {
                 )
                 .map_err(kafka("building the commit"))?;
             }
-            if checkpoint_due && task.checkpointed != Some(task.next) {
-                checkpoints.push((task.name(), vec![task.next], task.rollup.snapshot()));
-            }
-        }
-        if checkpoint_due {
-            self.last_checkpoint = Instant::now();
-        }
-        if !checkpoints.is_empty() {
-            let t0 = Instant::now();
-            let bytes: usize = checkpoints.iter().map(|c| c.2.len()).sum();
-            for (name, pos, state) in &checkpoints {
-                self.rt.block_on(self.store.put(name, pos, state.clone()))?;
-            }
-            tracing::debug!(
-                tasks = checkpoints.len(),
-                bytes,
-                ms = t0.elapsed().as_millis() as u64,
-                "checkpoints written"
-            );
         }
         if tpl.count() == 0 && self.produced == 0 {
+            self.write_checkpoints(last);
             return Ok(());
         }
         let Some(group) = self.consumer.group_metadata() else {
             return self.reset_tasks("no consumer group metadata");
         };
-        let result = self
-            .producer
-            .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
-            .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
+        let result = if tpl.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
         if let Err(e) = result {
             if let KafkaError::Transaction(te) = &e {
                 if te.is_fatal()
@@ -1232,24 +1209,85 @@ impl Shell<'_> {
         }
         self.produced = 0;
         self.max_poll_gap = Duration::ZERO;
-        for (name, pos, _) in checkpoints {
-            if let Some(t) = self.joins.values_mut().find(|t| t.name() == name) {
-                t.checkpointed = Some(t.next);
-            }
-            if let Some(t) = self.rollups.values_mut().find(|t| t.name() == name) {
-                t.checkpointed = Some(t.next);
-            }
-            // The checkpoint is now at or below the committed offsets: older ones are no longer needed.
-            if let Err(e) = self.rt.block_on(self.store.prune(&name, &pos)) {
-                tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
-            }
-        }
+        self.write_checkpoints(last);
         if !last {
             self.producer
                 .begin_transaction()
                 .map_err(kafka("beginning a transaction"))?;
         }
         Ok(())
+    }
+
+    /// Writes the checkpoints that are due, right after a commit, so each
+    /// holds exactly the committed state of its task. Due: every
+    /// `--checkpoint-interval` for a task whose positions moved, and at once
+    /// for a join task whose watermark moved without its positions (idleness
+    /// or the fed-back global watermark), because what that emitted cannot be
+    /// re-derived by a replay of its input. A failed write only makes a later
+    /// recovery replay more; it is logged and retried at the next interval.
+    fn write_checkpoints(&mut self, last: bool) {
+        let interval = last || self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval;
+        if interval {
+            self.last_checkpoint = Instant::now();
+        }
+        let t0 = Instant::now();
+        let mut written = 0usize;
+        let mut bytes = 0usize;
+        for task in self.joins.values_mut() {
+            if task.replay_to.is_some() {
+                continue;
+            }
+            let wm = task.engine.watermark();
+            let due = match task.checkpointed {
+                None => interval,
+                Some((pos, w)) => (interval && pos != task.next) || (pos == task.next && w != wm),
+            };
+            if !due {
+                continue;
+            }
+            let state = task.engine.checkpoint();
+            bytes += state.len();
+            let name = task.name();
+            match self.rt.block_on(self.store.put(&name, &task.next, state)) {
+                Ok(()) => {
+                    written += 1;
+                    task.checkpointed = Some((task.next, wm));
+                    if let Err(e) = self.rt.block_on(self.store.prune(&name, &task.next)) {
+                        tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
+                    }
+                }
+                Err(e) => tracing::warn!(task = %name, error = %e, "checkpoint not written"),
+            }
+        }
+        for task in self.rollups.values_mut() {
+            if task.replay_to.is_some() || !interval || task.checkpointed == Some(task.next) {
+                continue;
+            }
+            let state = task.rollup.snapshot();
+            bytes += state.len();
+            let name = task.name();
+            match self.rt.block_on(self.store.put(&name, &[task.next], state)) {
+                Ok(()) => {
+                    written += 1;
+                    task.checkpointed = Some(task.next);
+                    if let Err(e) = self.rt.block_on(self.store.prune(&name, &[task.next])) {
+                        tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
+                    }
+                }
+                Err(e) => tracing::warn!(task = %name, error = %e, "checkpoint not written"),
+            }
+        }
+        if written > 0 {
+            tracing::debug!(
+                tasks = written,
+                bytes,
+                ms = t0.elapsed().as_millis() as u64,
+                "checkpoints written"
+            );
+        }
+        // Writing may have taken a while; it is not a stall of the poll loop.
+        self.max_poll_gap = Duration::ZERO;
+        self.last_poll = Instant::now();
     }
 
     fn publish_status(&self, status: &Status, metrics: &Metrics) {
