@@ -103,13 +103,17 @@ bench: bootstrap stack-up
 	@cat bench/results.md
 
 # The full fault run of issue 7: 1 M events, 24 kill -9 of random processor
-# instances, scale 1 -> 3 -> 1 and a SIGSTOP zombie; result topics compared
-# with the oracle. CHAOS_EVENTS / CHAOS_KILLS / ADSTREAM_CHAOS_SEED to vary it.
+# or sink instances, scale 1 -> 3 -> 1 and a SIGSTOP zombie; result topics compared
+# with the oracle, PostgreSQL and storage. CHAOS_EVENTS / CHAOS_KILLS /
+# CHAOS_PRODUCE_SECS / ADSTREAM_CHAOS_SEED to vary it.
 CHAOS_EVENTS ?= 1000000
 CHAOS_KILLS ?= 24
+CHAOS_PRODUCE_SECS ?= 360
 chaos: bootstrap stack-up
-	@eval "$$(scripts/stack.sh env)"; ADSTREAM_CHAOS_EVENTS=$(CHAOS_EVENTS) ADSTREAM_CHAOS_KILLS=$(CHAOS_KILLS) \
-	  $(CARGO) build --locked --release -p adstream-processor && $(CARGO) test --locked --release -p adstream-sink --test chaos_tests -- --nocapture
+	$(CARGO) build --locked --release -p adstream-processor
+	@eval "$$(scripts/stack.sh env)"; export ADSTREAM_CHAOS_EVENTS=$(CHAOS_EVENTS) \
+	  ADSTREAM_CHAOS_KILLS=$(CHAOS_KILLS) ADSTREAM_CHAOS_PRODUCE_SECS=$(CHAOS_PRODUCE_SECS); \
+	  $(CARGO) test --locked --release -p adstream-sink --test chaos_tests -- --nocapture
 
 clean:
 	$(CARGO) clean

@@ -132,11 +132,16 @@ impl CheckpointStore {
         Ok(Some((pos, bytes)))
     }
 
-    /// Deletes the checkpoints of `task` strictly below `kept` in every position.
-    pub async fn prune(&self, task: &str, kept: &[i64]) -> Result<usize, CheckpointStoreError> {
+    /// Deletes all but the `keep` newest checkpoints of `task`. More than one
+    /// is kept because a broker that does not fence stale members (tansu)
+    /// can let the committed offsets move back below the newest checkpoint;
+    /// an older one then still saves a replay from the start.
+    pub async fn prune(&self, task: &str, keep: usize) -> Result<usize, CheckpointStoreError> {
+        let mut all = self.list(task).await?;
+        all.sort_by_key(|(p, _)| std::cmp::Reverse(p.iter().sum::<i64>()));
         let mut n = 0;
-        for (p, path) in self.list(task).await? {
-            if p.len() == kept.len() && p.iter().zip(kept).all(|(a, k)| a < k) {
+        for (_, path) in all.into_iter().skip(keep) {
+            {
                 self.store
                     .delete(&path)
                     .await
@@ -193,11 +198,16 @@ mod tests {
             .await
             .expect("latest")
             .is_none());
-        assert_eq!(store.prune("join-0", &[5, 2, 9]).await.expect("prune"), 1);
+        assert_eq!(store.prune("join-0", 2).await.expect("prune"), 1);
         assert!(store
             .latest("join-0", &[4, 4, 4])
             .await
             .expect("latest")
             .is_none());
+        assert!(store
+            .latest("join-0", &[5, 2, 9])
+            .await
+            .expect("latest")
+            .is_some());
     }
 }

@@ -6,6 +6,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::engine::{EngineStats, TopicStats};
@@ -20,8 +21,13 @@ pub struct Metrics {
     watermark: Gauge,
     state: Family<Labels, Gauge>,
     commits: Counter,
+    emit_latency: Histogram,
+    /// Emit latencies (ms) for benchmarks; the last `LATENCY_SAMPLES`.
+    latency_samples: Mutex<std::collections::VecDeque<u64>>,
     last: Mutex<EngineStats>,
 }
+
+const LATENCY_SAMPLES: usize = 100_000;
 
 const TOPICS: [&str; 3] = ["ad-impressions", "ad-clicks", "ad-conversions"];
 
@@ -64,8 +70,17 @@ impl Metrics {
             "Offset commits after acknowledged outputs",
             commits.clone(),
         );
+        let emit_latency =
+            Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        registry.register(
+            "emit_latency_seconds",
+            "From the watermark passing a window (its last join task's mark) to the commit of its rollup",
+            emit_latency.clone(),
+        );
         Metrics {
             registry,
+            emit_latency,
+            latency_samples: Mutex::new(std::collections::VecDeque::new()),
             records,
             outputs,
             watermark,
@@ -125,6 +140,29 @@ impl Metrics {
 
     pub fn committed(&self) {
         self.commits.inc();
+    }
+
+    /// Records one window's emit latency.
+    pub fn emit_latency_ms(&self, ms: u64) {
+        self.emit_latency.observe(ms as f64 / 1000.0);
+        let mut s = self
+            .latency_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if s.len() == LATENCY_SAMPLES {
+            s.pop_front();
+        }
+        s.push_back(ms);
+    }
+
+    /// The recorded emit latencies (ms), oldest first.
+    pub fn emit_latencies_ms(&self) -> Vec<u64> {
+        self.latency_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub fn render(&self) -> String {

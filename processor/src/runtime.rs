@@ -67,6 +67,9 @@ use crate::engine::watermark::InputPartition;
 use crate::engine::{Engine, EngineConfig, EngineStats, Output, SideKind, SourceRef};
 use crate::metrics::Metrics;
 
+/// Checkpoints kept per task (see [`CheckpointStore::prune`]).
+const CHECKPOINTS_KEPT: usize = 3;
+
 /// The internal topic join tasks write partial windows and marks to.
 pub const PARTIALS_TOPIC: &str = "adstream-processor-partials";
 
@@ -258,7 +261,8 @@ struct JoinTask {
     held: Vec<HeldRecord>,
     paused: [bool; 3],
     last_record: [Instant; 3],
-    published: Option<Mark>,
+    /// Watermark and idleness last published.
+    published: Option<(i64, bool)>,
     /// Positions and watermark of the last checkpoint written.
     checkpointed: Option<([i64; 3], i64)>,
 }
@@ -314,6 +318,11 @@ struct Shell<'a> {
     first_output_committed: bool,
     /// Outputs produced in the open transaction.
     produced: u64,
+    /// A window closed (partials or results are waiting): commit now rather
+    /// than at the end of the interval, for emit latency.
+    window_closed: bool,
+    /// When the watermark passed each window emitted in the open transaction (wall ms).
+    close_times: Vec<i64>,
     buf: Vec<u8>,
     commits: u64,
     restores: u64,
@@ -441,6 +450,8 @@ pub fn run(
         started: Instant::now(),
         first_output_committed: false,
         produced: 0,
+        window_closed: false,
+        close_times: Vec::new(),
         buf: Vec::with_capacity(256),
         commits: 0,
         restores: 0,
@@ -590,6 +601,7 @@ impl Shell<'_> {
                 }
             }
             self.handle_rebalances()?;
+            self.flush_outputs()?;
             self.resume
                 .check(&*self.consumer)
                 .map_err(kafka("re-reading a silent partition"))?;
@@ -604,7 +616,7 @@ impl Shell<'_> {
                     return Ok(());
                 }
             }
-            if last_commit.elapsed() >= self.opts.commit_interval {
+            if self.window_closed || last_commit.elapsed() >= self.opts.commit_interval {
                 self.commit(metrics, false)?;
                 last_commit = Instant::now();
             }
@@ -702,10 +714,12 @@ impl Shell<'_> {
         task.replay_to = None;
         let held = std::mem::take(&mut task.held);
         let mut tpl = TopicPartitionList::new();
+        let mut resumed = Vec::new();
         for (ti, paused) in task.paused.iter_mut().enumerate() {
             if *paused {
                 *paused = false;
                 tpl.add_partition(&self.topics.inputs[ti], partition);
+                resumed.push(ti);
             }
         }
         tracing::info!(task = %task.name(), position = ?task.next, "join task caught up with its committed offsets");
@@ -717,6 +731,14 @@ impl Shell<'_> {
             self.consumer
                 .resume(&tpl)
                 .map_err(kafka("resuming replayed partitions"))?;
+            // A resumed partition fetches from inside a batch, which some
+            // brokers answer with nothing: let the guard re-read it if so.
+            if let Some(task) = self.joins.get(&partition) {
+                for ti in resumed {
+                    self.resume
+                        .watch((self.topics.inputs[ti].clone(), partition), task.next[ti]);
+                }
+            }
         }
         Ok(())
     }
@@ -992,7 +1014,9 @@ impl Shell<'_> {
             return false;
         }
         let joins_idle = self.joins.values().all(|t| {
-            t.replay_to.is_none() && t.engine.all_idle() && t.published.is_some_and(|m| m.idle)
+            t.replay_to.is_none()
+                && t.engine.all_idle()
+                && t.published.is_some_and(|(_, idle)| idle)
         });
         let now = Instant::now();
         let rollups_done = self.rollups.values().all(|r| {
@@ -1021,6 +1045,7 @@ impl Shell<'_> {
             for out in task.engine.take_outputs() {
                 produced += 1;
                 if let Output::Partial(p) = out {
+                    self.window_closed = true;
                     let q = partials_partition(&p.campaign_id, partials);
                     let key = p.campaign_id.clone();
                     let bytes = PartialMessage::Cells {
@@ -1049,8 +1074,9 @@ impl Shell<'_> {
             let mark = Mark {
                 watermark: task.engine.watermark(),
                 idle: task.engine.all_idle(),
+                at_ms: now_ms,
             };
-            if task.published != Some(mark) && mark.watermark > i64::MIN {
+            if task.published != Some((mark.watermark, mark.idle)) && mark.watermark > i64::MIN {
                 let bytes = PartialMessage::Mark {
                     task: task.partition as u32,
                     mark,
@@ -1064,15 +1090,17 @@ impl Shell<'_> {
                             .payload(&bytes),
                     )?;
                 }
-                task.published = Some(mark);
+                task.published = Some((mark.watermark, mark.idle));
             }
         }
         for task in self.rollups.values_mut() {
             if task.replay_to.is_some() {
                 continue;
             }
+            self.close_times.extend(task.rollup.take_close_times());
             for out in task.rollup.take_outputs() {
                 produced += 1;
+                self.window_closed = true;
                 produce_output(
                     &self.producer,
                     &self.topics,
@@ -1097,6 +1125,8 @@ impl Shell<'_> {
             tracing::warn!(error = %e, "abort failed");
         }
         self.produced = 0;
+        self.window_closed = false;
+        self.close_times.clear();
         if let Err(e) = self.producer.begin_transaction() {
             tracing::warn!(error = %e, "cannot begin a transaction after an abort");
         }
@@ -1208,6 +1238,14 @@ impl Shell<'_> {
             );
         }
         self.produced = 0;
+        self.window_closed = false;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        for t in self.close_times.drain(..) {
+            metrics.emit_latency_ms((now_ms - t).max(0) as u64);
+        }
         self.max_poll_gap = Duration::ZERO;
         self.write_checkpoints(last);
         if !last {
@@ -1252,7 +1290,7 @@ impl Shell<'_> {
                 Ok(()) => {
                     written += 1;
                     task.checkpointed = Some((task.next, wm));
-                    if let Err(e) = self.rt.block_on(self.store.prune(&name, &task.next)) {
+                    if let Err(e) = self.rt.block_on(self.store.prune(&name, CHECKPOINTS_KEPT)) {
                         tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
                     }
                 }
@@ -1270,7 +1308,7 @@ impl Shell<'_> {
                 Ok(()) => {
                     written += 1;
                     task.checkpointed = Some(task.next);
-                    if let Err(e) = self.rt.block_on(self.store.prune(&name, &[task.next])) {
+                    if let Err(e) = self.rt.block_on(self.store.prune(&name, CHECKPOINTS_KEPT)) {
                         tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
                     }
                 }

@@ -399,6 +399,7 @@ fn run_topology(
             mark: Mark {
                 watermark: e.watermark(),
                 idle: e.all_idle(),
+                at_ms: 0,
             },
         }
         .encode();

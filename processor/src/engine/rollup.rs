@@ -67,6 +67,9 @@ pub struct Mark {
     pub watermark: i64,
     /// Every partition of the task is idle: it stops holding the watermark back.
     pub idle: bool,
+    /// Wall time (epoch ms) the task published this watermark. Only for
+    /// measuring emit latency; it never affects what is emitted.
+    pub at_ms: i64,
 }
 
 /// What travels on the partials topic.
@@ -211,6 +214,9 @@ pub struct Rollup {
     last_partial: Vec<Option<(i64, String)>>,
     watermark: i64,
     global: i64,
+    /// Per window closed since last taken: the wall time of the mark that closed it.
+    #[serde(skip)]
+    closed_at: Vec<i64>,
     detector: AnomalyDetector,
     #[serde(skip)]
     outputs: Vec<Output>,
@@ -228,6 +234,7 @@ impl Rollup {
             last_partial: vec![None; tasks],
             watermark: i64::MIN,
             global: i64::MIN,
+            closed_at: Vec::new(),
             detector: AnomalyDetector::new(cfg.anomaly.clone()),
             outputs: Vec::new(),
             stats: EngineStats::default(),
@@ -281,10 +288,10 @@ impl Rollup {
             return;
         }
         *slot = Some(mark);
-        self.advance();
+        self.advance(mark.at_ms);
     }
 
-    fn advance(&mut self) {
+    fn advance(&mut self, at_ms: i64) {
         if self.marks.iter().any(Option::is_none) {
             return;
         }
@@ -299,6 +306,7 @@ impl Rollup {
         }
         self.watermark = candidate;
         for w in self.windows.close_until(candidate) {
+            self.closed_at.push(at_ms);
             emit_window(
                 &self.interner,
                 w,
@@ -318,6 +326,12 @@ impl Rollup {
     /// left out), for join tasks whose partitions are all idle.
     pub fn global(&self) -> i64 {
         self.global
+    }
+
+    /// For each window closed since the last call, the wall time (ms) of the
+    /// mark that let the watermark pass it.
+    pub fn take_close_times(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.closed_at)
     }
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
