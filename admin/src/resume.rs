@@ -78,11 +78,20 @@ impl ResumeGuard {
             let Some((from, _)) = self.waiting.remove(&key) else {
                 continue;
             };
-            let high = consumer
+            // The broker's answer to ListOffsets can lie below the end (tansu
+            // reports the start of the last batch + 1); the high watermark of
+            // fetch responses does not. Either one past `from` means data.
+            let listed = consumer
                 .fetch_watermarks(&key.0, key.1, Duration::from_secs(5))
                 .map(|(_, h)| h)
                 .unwrap_or(-1);
-            if high > from {
+            let high = listed.max(cached_high_watermark(consumer, &key.0, key.1).unwrap_or(-1));
+            if high <= from {
+                // Nothing past the position as far as we know: look again later.
+                self.waiting.insert(key, (from, Instant::now()));
+                continue;
+            }
+            {
                 tracing::warn!(topic = %key.0, partition = key.1, from,
                     "no data from the stored position; re-reading the partition and skipping loaded records");
                 consumer.seek(&key.0, key.1, Offset::Beginning, Duration::from_secs(10))?;
@@ -101,6 +110,30 @@ impl ResumeGuard {
             .get(key)
             .is_none_or(|below| offset >= *below)
     }
+}
+
+/// The high watermark librdkafka last saw in a fetch response for a
+/// partition (no broker request), if any.
+pub fn cached_high_watermark<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let c_topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid for the consumer's lifetime, the
+    // topic string outlives the call, and the out-pointers are valid i64s.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            c_topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
 }
 
 #[cfg(test)]

@@ -70,8 +70,7 @@ impl Metrics {
             "Offset commits after acknowledged outputs",
             commits.clone(),
         );
-        let emit_latency =
-            Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let emit_latency = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         registry.register(
             "emit_latency_seconds",
             "From the watermark passing a window (its last join task's mark) to the commit of its rollup",

@@ -42,7 +42,6 @@
 //! schedules fetches.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,7 +53,7 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use adstream_admin::resume::ResumeGuard;
+use adstream_admin::resume::{cached_high_watermark, ResumeGuard};
 use adstream_schemas::codec::{split_frame, CodecError};
 use adstream_schemas::topics::{self, headers};
 use adstream_schemas::{
@@ -945,28 +944,8 @@ impl Shell<'_> {
         Ok(())
     }
 
-    /// High watermark librdkafka last saw for a partition (no broker request).
-    fn cached_high_watermark(&self, topic: &str, partition: i32) -> Option<i64> {
-        let c_topic = CString::new(topic).ok()?;
-        let (mut low, mut high) = (-1i64, -1i64);
-        // SAFETY: the client pointer is valid for the consumer's lifetime, the
-        // topic string outlives the call, and the out-pointers are valid i64s.
-        let err = unsafe {
-            rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                self.consumer.client().native_ptr(),
-                c_topic.as_ptr(),
-                partition,
-                &mut low,
-                &mut high,
-            )
-        };
-        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-            .then_some(high)
-    }
-
     fn caught_up(&self, topic: &str, partition: i32, next: i64) -> bool {
-        self.cached_high_watermark(topic, partition)
-            .is_some_and(|h| next >= h)
+        cached_high_watermark(&*self.consumer, topic, partition).is_some_and(|h| next >= h)
     }
 
     fn check_idle(&mut self) {
