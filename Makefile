@@ -1,6 +1,7 @@
 # adstream: two commands for a fresh machine.
 #   make demo   install/build what is missing, start the local stack, run a short scenario
 #   make test   install/build what is missing, start the services tests need, run every test, stop what it started
+#   make chaos  the fault run of processor/DESIGN-exactly-once.md (needs the local stack; starts it)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
