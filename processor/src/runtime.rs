@@ -997,14 +997,34 @@ impl Shell<'_> {
                 && t.engine.all_idle()
                 && t.published.is_some_and(|(_, idle)| idle)
         });
+        // The final marks must be committed (and so visible to the rollups).
+        if !joins_idle || self.produced > 0 {
+            return false;
+        }
+        // The partials topic is transactional: its log ends with a commit
+        // marker the consumer never delivers, so compare the consumer's
+        // position (which steps over markers) with the high watermark.
+        let Ok(positions) = self.consumer.position() else {
+            return false;
+        };
         let now = Instant::now();
-        let rollups_done = self.rollups.values().all(|r| {
+        self.rollups.values().all(|r| {
+            let position = match positions
+                .find_partition(&self.topics.partials, r.partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o.max(r.next),
+                _ => r.next,
+            };
+            let quiet = now.duration_since(r.last_record);
             r.replay_to.is_none()
-                && now.duration_since(r.last_record) >= self.opts.idle_timeout
-                && self.caught_up(&self.topics.partials, r.partition, r.next)
-                && r.rollup.open_windows() == 0
-        });
-        joins_idle && rollups_done
+                && quiet >= self.opts.idle_timeout
+                && (self.caught_up(&self.topics.partials, r.partition, position)
+                    || quiet >= 2 * self.opts.idle_timeout)
+                // Everything the processor watermark allows is emitted (the
+                // window holding the latest events stays open, as in the contract).
+                && r.rollup.watermark() >= r.rollup.global()
+        })
     }
 
     /// Produces what the tasks have ready (not during their replay): side
