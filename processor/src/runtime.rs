@@ -1031,10 +1031,7 @@ impl Shell<'_> {
     /// outputs and partials of join tasks, then their marks when changed,
     /// then the rollups' results.
     fn flush_outputs(&mut self) -> Result<(), RuntimeError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now_ms = wall_ms();
         let partials = self.partials_partitions;
         let mut produced = 0u64;
         for task in self.joins.values_mut() {
@@ -1238,10 +1235,7 @@ impl Shell<'_> {
         }
         self.produced = 0;
         self.window_closed = false;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now_ms = wall_ms();
         for t in self.close_times.drain(..) {
             metrics.emit_latency_ms((now_ms - t).max(0) as u64);
         }
@@ -1285,15 +1279,9 @@ impl Shell<'_> {
             let state = task.engine.checkpoint();
             bytes += state.len();
             let name = task.name();
-            match self.rt.block_on(self.store.put(&name, &task.next, state)) {
-                Ok(()) => {
-                    written += 1;
-                    task.checkpointed = Some((task.next, wm));
-                    if let Err(e) = self.rt.block_on(self.store.prune(&name, CHECKPOINTS_KEPT)) {
-                        tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
-                    }
-                }
-                Err(e) => tracing::warn!(task = %name, error = %e, "checkpoint not written"),
+            if store_checkpoint(&self.rt, &self.store, &name, &task.next, state) {
+                written += 1;
+                task.checkpointed = Some((task.next, wm));
             }
         }
         for task in self.rollups.values_mut() {
@@ -1303,15 +1291,9 @@ impl Shell<'_> {
             let state = task.rollup.snapshot();
             bytes += state.len();
             let name = task.name();
-            match self.rt.block_on(self.store.put(&name, &[task.next], state)) {
-                Ok(()) => {
-                    written += 1;
-                    task.checkpointed = Some(task.next);
-                    if let Err(e) = self.rt.block_on(self.store.prune(&name, CHECKPOINTS_KEPT)) {
-                        tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
-                    }
-                }
-                Err(e) => tracing::warn!(task = %name, error = %e, "checkpoint not written"),
+            if store_checkpoint(&self.rt, &self.store, &name, &[task.next], state) {
+                written += 1;
+                task.checkpointed = Some(task.next);
             }
         }
         if written > 0 {
@@ -1401,6 +1383,33 @@ impl Shell<'_> {
             aborts: self.aborts,
         });
     }
+}
+
+/// Wall time now, epoch ms.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Writes one task checkpoint and prunes the task's old ones; a failure is
+/// logged (it only lengthens a later recovery). Returns whether it was written.
+fn store_checkpoint(
+    rt: &tokio::runtime::Runtime,
+    store: &CheckpointStore,
+    name: &str,
+    positions: &[i64],
+    state: Vec<u8>,
+) -> bool {
+    if let Err(e) = rt.block_on(store.put(name, positions, state)) {
+        tracing::warn!(task = %name, error = %e, "checkpoint not written");
+        return false;
+    }
+    if let Err(e) = rt.block_on(store.prune(name, CHECKPOINTS_KEPT)) {
+        tracing::warn!(task = %name, error = %e, "cannot delete old checkpoints");
+    }
+    true
 }
 
 /// Produces one result or side output.
