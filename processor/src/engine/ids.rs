@@ -36,68 +36,134 @@ pub struct Grain {
     pub device_type: Box<str>,
 }
 
-/// Interns strings and grains; ids are stable for the engine's life.
+/// Interns strings and grains, counting references so that state which no
+/// longer mentions a grain frees it.
 ///
 /// Each string and each grain is stored once: the hash tables hold only
 /// indices into `values` and `grain_parts` and hash what those point to
 /// (a map keyed by the values would store every one twice).
+///
+/// Invariants: a grain is live while its reference count is above zero
+/// (each join entry and each open window cell holding it owns one
+/// reference); a string is live while a live grain uses it. Freed slots are
+/// reused, so ids are only stable while referenced. Grain ids never reach an
+/// output (rows are ordered by the values, [`Interner::cmp_grains`]), so
+/// reuse cannot change results. Without this the interner would grow by
+/// every distinct grain ever seen, which with per-/24 IP ranges is nearly
+/// one per impression: unbounded memory and checkpoints in a long run.
 #[derive(Default)]
 pub struct Interner {
     hasher: hashbrown::DefaultHashBuilder,
     strings: HashTable<u32>,
     values: Vec<Box<str>>,
+    value_refs: Vec<u32>,
+    free_values: Vec<u32>,
     grains: HashTable<GrainId>,
     grain_parts: Vec<[u32; 6]>,
+    grain_refs: Vec<u32>,
+    free_grains: Vec<GrainId>,
 }
 
-/// Serialized form of an [`Interner`]: the values and grains in id order
-/// (the hash tables are rebuilt on load, so ids stay the same).
+/// Serialized form of an [`Interner`]: the slots in id order with their
+/// reference counts (free slots have count 0; the hash tables and free
+/// lists are rebuilt on load, so ids stay the same).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct InternerData {
     values: Vec<Box<str>>,
+    value_refs: Vec<u32>,
     grain_parts: Vec<[u32; 6]>,
+    grain_refs: Vec<u32>,
 }
 
 impl serde::Serialize for Interner {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("InternerData", 2)?;
+        let mut st = s.serialize_struct("InternerData", 4)?;
         st.serialize_field("values", &self.values)?;
+        st.serialize_field("value_refs", &self.value_refs)?;
         st.serialize_field("grain_parts", &self.grain_parts)?;
+        st.serialize_field("grain_refs", &self.grain_refs)?;
         st.end()
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Interner {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
         let data = InternerData::deserialize(d)?;
-        let mut i = Interner::default();
-        for v in data.values {
-            i.intern(&v);
+        if data.values.len() != data.value_refs.len()
+            || data.grain_parts.len() != data.grain_refs.len()
+            || data
+                .grain_parts
+                .iter()
+                .flatten()
+                .any(|&v| v as usize >= data.values.len())
+        {
+            return Err(D::Error::custom("inconsistent interner tables"));
         }
-        for parts in data.grain_parts {
-            i.grain_of_parts(parts);
+        let mut i = Interner {
+            values: data.values,
+            value_refs: data.value_refs,
+            grain_parts: data.grain_parts,
+            grain_refs: data.grain_refs,
+            ..Interner::default()
+        };
+        let (values, hasher) = (&i.values, &i.hasher);
+        for (id, v) in values.iter().enumerate() {
+            if i.value_refs[id] == 0 {
+                i.free_values.push(id as u32);
+            } else {
+                i.strings
+                    .insert_unique(hasher.hash_one(&**v), id as u32, |&x| {
+                        hasher.hash_one(&*values[x as usize])
+                    });
+            }
         }
+        let all = &i.grain_parts;
+        for (g, parts) in all.iter().enumerate() {
+            if i.grain_refs[g] == 0 {
+                i.free_grains.push(g as GrainId);
+            } else {
+                i.grains
+                    .insert_unique(hasher.hash_one(parts), g as GrainId, |&x| {
+                        hasher.hash_one(all[x as usize])
+                    });
+            }
+        }
+        // Reuse low ids first, as a fresh interner would have.
+        i.free_values.reverse();
+        i.free_grains.reverse();
         Ok(i)
     }
 }
 
 impl Interner {
+    /// The id of `s`, adding it (unreferenced) if new.
     fn intern(&mut self, s: &str) -> u32 {
         let hash = self.hasher.hash_one(s);
         let values = &self.values;
         if let Some(&id) = self.strings.find(hash, |&i| &*values[i as usize] == s) {
             return id;
         }
-        let id = self.values.len() as u32;
-        self.values.push(s.into());
+        let id = match self.free_values.pop() {
+            Some(id) => {
+                self.values[id as usize] = s.into();
+                id
+            }
+            None => {
+                self.values.push(s.into());
+                self.value_refs.push(0);
+                (self.values.len() - 1) as u32
+            }
+        };
         let (values, hasher) = (&self.values, &self.hasher);
         self.strings
             .insert_unique(hash, id, |&i| hasher.hash_one(&*values[i as usize]));
         id
     }
 
-    /// The grain id of these dimension values.
+    /// The grain id of these dimension values, with one reference owned by
+    /// the caller (give it back with [`release`](Self::release)).
     pub fn grain(
         &mut self,
         campaign_id: &str,
@@ -115,21 +181,71 @@ impl Interner {
             self.intern(ip_range),
             self.intern(device_type),
         ];
-        self.grain_of_parts(parts)
-    }
-
-    fn grain_of_parts(&mut self, parts: [u32; 6]) -> GrainId {
         let hash = self.hasher.hash_one(parts);
         let all = &self.grain_parts;
         if let Some(&g) = self.grains.find(hash, |&g| all[g as usize] == parts) {
+            self.grain_refs[g as usize] += 1;
             return g;
         }
-        let g = self.grain_parts.len() as GrainId;
-        self.grain_parts.push(parts);
+        for v in parts {
+            self.value_refs[v as usize] += 1;
+        }
+        let g = match self.free_grains.pop() {
+            Some(g) => {
+                self.grain_parts[g as usize] = parts;
+                self.grain_refs[g as usize] = 1;
+                g
+            }
+            None => {
+                self.grain_parts.push(parts);
+                self.grain_refs.push(1);
+                (self.grain_parts.len() - 1) as GrainId
+            }
+        };
         let (all, hasher) = (&self.grain_parts, &self.hasher);
         self.grains
             .insert_unique(hash, g, |&i| hasher.hash_one(all[i as usize]));
         g
+    }
+
+    /// Takes one more reference to a live grain.
+    pub fn retain(&mut self, g: GrainId) {
+        debug_assert!(self.grain_refs[g as usize] > 0, "retain of a freed grain");
+        self.grain_refs[g as usize] += 1;
+    }
+
+    /// Gives back one reference; the last one frees the grain, and strings
+    /// no other grain uses.
+    pub fn release(&mut self, g: GrainId) {
+        let refs = &mut self.grain_refs[g as usize];
+        debug_assert!(*refs > 0, "release of a freed grain");
+        *refs = refs.saturating_sub(1);
+        if *refs > 0 {
+            return;
+        }
+        let parts = self.grain_parts[g as usize];
+        if let Ok(e) = self
+            .grains
+            .find_entry(self.hasher.hash_one(parts), |&x| x == g)
+        {
+            e.remove();
+        }
+        self.free_grains.push(g);
+        for v in parts {
+            let refs = &mut self.value_refs[v as usize];
+            *refs = refs.saturating_sub(1);
+            if *refs > 0 {
+                continue;
+            }
+            let value = std::mem::take(&mut self.values[v as usize]);
+            if let Ok(e) = self
+                .strings
+                .find_entry(self.hasher.hash_one(&*value), |&x| x == v)
+            {
+                e.remove();
+            }
+            self.free_values.push(v);
+        }
     }
 
     /// The campaign of a grain, as its interned string id.
@@ -175,9 +291,14 @@ impl Interner {
         }
     }
 
-    /// Number of distinct grains seen.
+    /// Number of live grains.
     pub fn grains(&self) -> usize {
-        self.grain_parts.len()
+        self.grain_parts.len() - self.free_grains.len()
+    }
+
+    /// Number of live strings.
+    pub fn strings(&self) -> usize {
+        self.values.len() - self.free_values.len()
     }
 }
 
@@ -211,6 +332,44 @@ mod tests {
         assert_eq!(j.resolve(b), i.resolve(b));
         assert_eq!(j.grain("d", "a", "k", "s", "1.2.3.0/24", "tablet"), b);
         assert_eq!(j.grains(), 2);
+    }
+
+    #[test]
+    fn the_last_release_frees_a_grain_and_its_unshared_strings() {
+        let mut i = Interner::default();
+        let a = i.grain("c", "a", "k", "s", "1.2.3.0/24", "mobile");
+        let b = i.grain("c", "a", "k", "s", "9.9.9.0/24", "mobile");
+        i.retain(a);
+        assert_eq!((i.grains(), i.strings()), (2, 7));
+        i.release(a);
+        assert_eq!(i.grains(), 2);
+        i.release(a);
+        assert_eq!((i.grains(), i.strings()), (1, 6));
+        assert_eq!(&*i.resolve(b).ip_range, "9.9.9.0/24");
+        // Freed slots are reused, and lookups still find live grains.
+        let c = i.grain("d", "a", "k", "s", "1.2.3.0/24", "mobile");
+        assert_eq!(c, a);
+        assert_eq!(i.grain("c", "a", "k", "s", "9.9.9.0/24", "mobile"), b);
+        assert_eq!(&*i.resolve(c).campaign_id, "d");
+        i.release(b);
+        i.release(b);
+        i.release(c);
+        assert_eq!((i.grains(), i.strings()), (0, 0));
+    }
+
+    #[test]
+    fn a_restored_interner_keeps_free_slots_and_counts() {
+        let mut i = Interner::default();
+        let a = i.grain("c", "a", "k", "s", "1.2.3.0/24", "mobile");
+        let b = i.grain("c", "a", "k", "s", "9.9.9.0/24", "mobile");
+        i.release(a);
+        let bytes = bincode::serialize(&i).expect("serialize");
+        let mut j: Interner = bincode::deserialize(&bytes).expect("deserialize");
+        assert_eq!((j.grains(), j.strings()), (1, 6));
+        assert_eq!(j.resolve(b), i.resolve(b));
+        assert_eq!(j.grain("e", "a", "k", "s", "1.2.3.0/24", "mobile"), a);
+        j.release(b);
+        assert_eq!(j.grains(), 1);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 use hashbrown::{HashMap, HashSet};
 
-use super::ids::{GrainId, IdKey};
+use super::ids::{GrainId, IdKey, Interner};
 use super::RawRecord;
 
 /// Join horizons, in ms.
@@ -50,6 +50,15 @@ pub enum Counted {
         grain: GrainId,
         revenue_micros: i64,
     },
+}
+
+/// What the join needs of a click.
+#[derive(Debug, Clone, Copy)]
+pub struct ClickEvent {
+    pub click_id: IdKey,
+    pub impression_id: IdKey,
+    pub t: i64,
+    pub cost_micros: i64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -121,14 +130,20 @@ struct HeldById {
 }
 
 impl HeldById {
-    fn insert(&mut self, id: IdKey, held: Held, bucket: i64) {
-        self.map.insert(id, held);
+    /// Holds `held`, taking a reference to its grain.
+    fn insert(&mut self, id: IdKey, held: Held, bucket: i64, interner: &mut Interner) {
+        interner.retain(held.grain);
+        if let Some(old) = self.map.insert(id, held) {
+            interner.release(old.grain);
+        }
         self.buckets.entry(bucket).or_default().push(id);
     }
 
-    fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64) {
+    fn expire(&mut self, wm: i64, bucket_width: i64, horizon: i64, interner: &mut Interner) {
         for id in pop_expired(&mut self.buckets, wm, bucket_width, horizon) {
-            self.map.remove(&id);
+            if let Some(held) = self.map.remove(&id) {
+                interner.release(held.grain);
+            }
         }
     }
 }
@@ -182,9 +197,19 @@ impl ClickJoin {
     }
 
     /// A kept impression arrives; clicks waiting for it may match now.
-    pub fn on_impression(&mut self, id: IdKey, t: i64, grain: GrainId, out: &mut Vec<Counted>) {
+    ///
+    /// Held impressions and matched clicks each own a reference to their
+    /// grain in `interner`.
+    pub fn on_impression(
+        &mut self,
+        id: IdKey,
+        t: i64,
+        grain: GrainId,
+        interner: &mut Interner,
+        out: &mut Vec<Counted>,
+    ) {
         let b = self.bucket(t);
-        self.impressions.insert(id, Held { t, grain }, b);
+        self.impressions.insert(id, Held { t, grain }, b, interner);
         let Some(waiting) = self.pending_clicks_by_impression.remove(&id) else {
             return;
         };
@@ -193,7 +218,7 @@ impl ClickJoin {
             let (ct, _) = k;
             if t <= ct && ct <= t.saturating_add(self.cfg.click_window) {
                 if let Some(pc) = self.pending_clicks.remove(&k) {
-                    self.match_click(pc.click_id, ct, grain, pc.cost_micros, out);
+                    self.match_click(pc.click_id, ct, grain, pc.cost_micros, interner, out);
                 }
             } else {
                 still.push(k);
@@ -210,6 +235,7 @@ impl ClickJoin {
         t: i64,
         grain: GrainId,
         cost_micros: i64,
+        interner: &mut Interner,
         out: &mut Vec<Counted>,
     ) {
         out.push(Counted::Click {
@@ -218,7 +244,8 @@ impl ClickJoin {
             cost_micros,
         });
         let b = self.bucket(t);
-        self.matched_clicks.insert(click_id, Held { t, grain }, b);
+        self.matched_clicks
+            .insert(click_id, Held { t, grain }, b, interner);
         let Some(waiting) = self.pending_conversions_by_click.remove(&click_id) else {
             return;
         };
@@ -245,18 +272,22 @@ impl ClickJoin {
     /// A kept click arrives.
     pub fn on_click(
         &mut self,
-        click_id: IdKey,
-        impression_id: IdKey,
-        t: i64,
-        cost_micros: i64,
+        click: ClickEvent,
         raw: RawRecord,
+        interner: &mut Interner,
         out: &mut Vec<Counted>,
     ) {
+        let ClickEvent {
+            click_id,
+            impression_id,
+            t,
+            cost_micros,
+        } = click;
         let b = self.bucket(t);
         self.click_ids.insert(click_id, b);
         if let Some(imp) = self.impressions.map.get(&impression_id).copied() {
             if imp.t <= t && t <= imp.t.saturating_add(self.cfg.click_window) {
-                self.match_click(click_id, t, imp.grain, cost_micros, out);
+                self.match_click(click_id, t, imp.grain, cost_micros, interner, out);
                 return;
             }
         }
@@ -317,7 +348,7 @@ impl ClickJoin {
 
     /// Applies watermark `wm`: frees expired state and returns records that
     /// are now definitely unmatched (`wm > event_time + allowed_lateness`).
-    pub fn expire(&mut self, wm: i64, unmatched: &mut Vec<RawRecord>) {
+    pub fn expire(&mut self, wm: i64, interner: &mut Interner, unmatched: &mut Vec<RawRecord>) {
         let lateness = self.cfg.allowed_lateness;
         let width = self.cfg.bucket;
         while let Some(e) = self.pending_clicks.first_entry() {
@@ -340,12 +371,17 @@ impl ClickJoin {
             remove_index(&mut self.pending_conversions_by_click, pc.click_id, k);
             unmatched.push(pc.raw);
         }
-        self.impressions
-            .expire(wm, width, self.cfg.click_window.saturating_add(lateness));
+        self.impressions.expire(
+            wm,
+            width,
+            self.cfg.click_window.saturating_add(lateness),
+            interner,
+        );
         self.matched_clicks.expire(
             wm,
             width,
             self.cfg.conversion_window.saturating_add(lateness),
+            interner,
         );
         self.click_ids.expire(wm, width, lateness);
         self.conversion_ids.expire(wm, width, lateness);

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use anomaly::{AnomalyConfig, AnomalyDetector};
 use ids::{id_key, Interner};
-use join::{ClickJoin, Counted, JoinConfig};
+use join::{ClickEvent, ClickJoin, Counted, JoinConfig};
 use rollup::{emit_window, partials_of, Partial};
 use watermark::{InputPartition, WatermarkTracker};
 use windows::{Measures, WindowStore};
@@ -297,6 +297,11 @@ impl Engine {
         self.state.windows.open_windows()
     }
 
+    /// Distinct grains the join state and open windows hold.
+    pub fn interned_grains(&self) -> usize {
+        self.state.interner.grains()
+    }
+
     /// Takes the outputs produced so far, in production order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.outputs)
@@ -416,14 +421,22 @@ impl Engine {
                         &ip_range,
                         &r.device_type,
                     );
-                    self.state.windows.add(
+                    let st = &mut self.state;
+                    if st
+                        .windows
+                        .add(r.event_time, grain, &Measures::impression(r.cost_micros))
+                    {
+                        st.interner.retain(grain);
+                    }
+                    st.join.on_impression(
+                        id,
                         r.event_time,
                         grain,
-                        &Measures::impression(r.cost_micros),
+                        &mut st.interner,
+                        &mut self.counted,
                     );
-                    self.state
-                        .join
-                        .on_impression(id, r.event_time, grain, &mut self.counted);
+                    // The join and the window cell hold their own references.
+                    st.interner.release(grain);
                 }
             }
             Decoded::Click(r) => {
@@ -432,11 +445,14 @@ impl Engine {
                     s.duplicate += 1;
                 } else {
                     self.state.join.on_click(
-                        id,
-                        id_key(&r.impression_id),
-                        r.event_time,
-                        r.cost_micros,
+                        ClickEvent {
+                            click_id: id,
+                            impression_id: id_key(&r.impression_id),
+                            t: r.event_time,
+                            cost_micros: r.cost_micros,
+                        },
                         raw(),
+                        &mut self.state.interner,
                         &mut self.counted,
                     );
                 }
@@ -462,28 +478,25 @@ impl Engine {
     }
 
     fn apply_counted(&mut self) {
+        let st = &mut self.state;
         for c in self.counted.drain(..) {
-            match c {
+            // The grain is held by the join entry the record matched, so it
+            // is live here; a new cell takes its own reference.
+            let (topic, t, grain, m) = match c {
                 Counted::Click {
                     t,
                     grain,
                     cost_micros,
-                } => {
-                    self.state.stats.by_topic[CLICKS as usize].counted += 1;
-                    self.state
-                        .windows
-                        .add(t, grain, &Measures::click(cost_micros));
-                }
+                } => (CLICKS, t, grain, Measures::click(cost_micros)),
                 Counted::Conversion {
                     t,
                     grain,
                     revenue_micros,
-                } => {
-                    self.state.stats.by_topic[CONVERSIONS as usize].counted += 1;
-                    self.state
-                        .windows
-                        .add(t, grain, &Measures::conversion(revenue_micros));
-                }
+                } => (CONVERSIONS, t, grain, Measures::conversion(revenue_micros)),
+            };
+            st.stats.by_topic[topic as usize].counted += 1;
+            if st.windows.add(t, grain, &m) {
+                st.interner.retain(grain);
             }
         }
     }
@@ -511,7 +524,9 @@ impl Engine {
     }
 
     fn apply_watermark(&mut self, wm: i64) {
-        self.state.join.expire(wm, &mut self.unmatched);
+        self.state
+            .join
+            .expire(wm, &mut self.state.interner, &mut self.unmatched);
         for raw in self.unmatched.drain(..) {
             self.state.stats.by_topic[raw.source.topic as usize].unmatched += 1;
             let reason = format!(
@@ -532,7 +547,7 @@ impl Engine {
         for w in st.windows.close_until(wm) {
             match st.mode {
                 WindowOutput::Final => emit_window(
-                    &st.interner,
+                    &mut st.interner,
                     w,
                     &mut st.detector,
                     &mut self.outputs,
@@ -540,7 +555,7 @@ impl Engine {
                 ),
                 WindowOutput::Partials => {
                     st.stats.windows_closed += 1;
-                    partials_of(&st.interner, w, &mut self.outputs);
+                    partials_of(&mut st.interner, w, &mut self.outputs);
                 }
             }
         }

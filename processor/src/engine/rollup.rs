@@ -92,8 +92,10 @@ impl PartialMessage {
 
 /// Emits one closed window: its ad-metrics rows in grain order, then per
 /// campaign its campaign-ctr row followed by the alerts it opens.
+///
+/// Gives back the references the window's cells held.
 pub(crate) fn emit_window(
-    interner: &Interner,
+    interner: &mut Interner,
     w: ClosedWindow,
     detector: &mut AnomalyDetector,
     outputs: &mut Vec<Output>,
@@ -166,17 +168,23 @@ pub(crate) fn emit_window(
             outputs.push(Output::Alert(a));
         }
     }
+    for (g, _) in cells {
+        interner.release(g);
+    }
 }
 
 /// Splits a window closed by a join task into per-campaign partials, in
 /// campaign order.
-pub(crate) fn partials_of(interner: &Interner, w: ClosedWindow, out: &mut Vec<Output>) {
+///
+/// Gives back the references the window's cells held.
+pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
     let mut cells = w.cells;
     cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
     let mut current: Option<Partial> = None;
     for (g, m) in cells {
         let p = interner.parts(g);
         let values: GrainValues = std::array::from_fn(|i| interner.string(p[i]).to_owned());
+        interner.release(g);
         match &mut current {
             Some(c) if c.campaign_id == values[0] => c.cells.push((values, m)),
             _ => {
@@ -272,7 +280,10 @@ impl Rollup {
             let g = self
                 .interner
                 .grain(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5]);
-            self.windows.add(this.0, g, m);
+            // A new cell keeps the reference `grain` gave; an existing one has its own.
+            if !self.windows.add(this.0, g, m) {
+                self.interner.release(g);
+            }
         }
         *last = Some(this);
     }
@@ -308,7 +319,7 @@ impl Rollup {
         for w in self.windows.close_until(candidate) {
             self.closed_at.push(at_ms);
             emit_window(
-                &self.interner,
+                &mut self.interner,
                 w,
                 &mut self.detector,
                 &mut self.outputs,
@@ -352,6 +363,11 @@ impl Rollup {
 
     pub fn open_windows(&self) -> usize {
         self.windows.open_windows()
+    }
+
+    /// Distinct grains the open windows hold.
+    pub fn interned_grains(&self) -> usize {
+        self.interner.grains()
     }
 
     /// Serializes the state (outputs not yet taken are not part of it).

@@ -99,15 +99,23 @@ impl WindowStore {
             .saturating_add(self.allowed_lateness)
     }
 
-    /// Adds `m` to the cell of (window of `t`, `grain`).
-    pub fn add(&mut self, t: i64, grain: GrainId, m: &Measures) {
+    /// Adds `m` to the cell of (window of `t`, `grain`). Returns whether
+    /// the cell is new (it then holds a reference to `grain`, given back
+    /// when the closed window is emitted).
+    #[must_use = "a new cell must take a reference to its grain"]
+    pub fn add(&mut self, t: i64, grain: GrainId, m: &Measures) -> bool {
         let start = self.window_start(t);
+        let mut new = false;
         self.open
             .entry(start)
             .or_default()
             .entry(grain)
-            .or_default()
+            .or_insert_with(|| {
+                new = true;
+                Measures::default()
+            })
             .merge(m);
+        new
     }
 
     /// Removes and returns every window that watermark `wm` closes, oldest first.
@@ -154,8 +162,9 @@ mod tests {
     #[test]
     fn event_at_window_end_belongs_to_next_window() {
         let mut w = WindowStore::new(60_000, 0);
-        w.add(59_999, 1, &Measures::impression(1));
-        w.add(60_000, 1, &Measures::impression(1));
+        assert!(w.add(59_999, 1, &Measures::impression(1)));
+        assert!(w.add(60_000, 1, &Measures::impression(1)));
+        assert!(!w.add(60_001, 1, &Measures::click(1)));
         let closed = w.close_until(60_000);
         assert_eq!(closed.len(), 1);
         assert_eq!((closed[0].start, closed[0].end), (0, 60_000));
@@ -166,7 +175,7 @@ mod tests {
     #[test]
     fn lateness_delays_close() {
         let mut w = WindowStore::new(60_000, 5_000);
-        w.add(10, 1, &Measures::click(7));
+        assert!(w.add(10, 1, &Measures::click(7)));
         assert!(w.close_until(64_999).is_empty());
         assert!(!w.is_emitted(10, 64_999));
         assert!(w.is_emitted(10, 65_000));
