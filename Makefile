@@ -96,7 +96,7 @@ test: bootstrap
 
 # Every benchmark of bench/README.md in one run: bench/results.json and bench/results.md.
 bench: bootstrap stack-up
-	$(CARGO) build --release --locked -p adstream-bench
+	$(CARGO) build --release --locked -p adstream-bench -p adstream-processor
 	bash bench/peers/install.sh
 	@eval "$$(scripts/stack.sh env)"; ./target/release/adstream-bench --out-dir bench \
 	  --quix-python "$${ADSTREAM_BENCH_VENV:-$$HOME/.cache/adstream/venv-bench}/bin/python" \
