@@ -690,10 +690,12 @@ fn main() -> anyhow::Result<()> {
         );
         figures.insert("recovery_s".into(), (r.recovery_s * 100.0).round() / 100.0);
         notes.push(format!(
-            "recovery_s: the processor binary held {} buffered impressions (counted in its checkpoints; {:.0} MB of join-task checkpoints, taken in and checkpointed in {:.0} s), was killed with SIGKILL and restarted; the figure is the restarted process's start to its first committed output, which includes rejoining the group (the dead member's 6 s session on this broker), loading the checkpoints and the new input; kill to output was {:.2} s",
+            "recovery_s: the processor binary held {} buffered impressions (counted in its checkpoints; {:.0} MB of join-task checkpoints, taken in and checkpointed in {:.0} s), was killed with SIGKILL and restarted; the figure is the restarted process's start to its first committed output: {} s waiting for the group to assign its partitions (the dead member's 6 s session, then the rebalance), {} s loading the checkpoints, the rest the new input; kill to output was {:.2} s",
             r.buffered_impressions,
             r.checkpoint_bytes as f64 / 1e6,
             r.catch_up_s,
+            r.group_wait_s.map_or("?".to_owned(), |s| format!("{s:.2}")),
+            r.restore_s.map_or("?".to_owned(), |s| format!("{s:.2}")),
             r.kill_to_output_s
         ));
     }

@@ -35,6 +35,10 @@ pub struct RecoveryFigures {
     pub buffered_impressions: u64,
     pub checkpoint_bytes: u64,
     pub catch_up_s: f64,
+    /// From the restarted process's start to its partition assignment.
+    pub group_wait_s: Option<f64>,
+    /// Loading every task's checkpoint ("tasks restored ... ms=").
+    pub restore_s: Option<f64>,
 }
 
 fn processor_binary() -> anyhow::Result<PathBuf> {
@@ -190,6 +194,34 @@ fn buffered_in_checkpoints(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// The timestamp of the first log line containing `needle`.
+fn logged_at(text: &str, needle: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let line = text.lines().find(|l| l.contains(needle))?;
+    let ts = line.split_whitespace().next()?;
+    chrono::DateTime::parse_from_rfc3339(ts)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Where the restarted process's time went: waiting for the group to assign
+/// its partitions, and loading the checkpoints.
+fn breakdown(log: &Path) -> (Option<f64>, Option<f64>) {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return (None, None);
+    };
+    let group_wait = logged_at(&text, "processor started")
+        .zip(logged_at(&text, "task restored"))
+        .map(|(a, b)| (b - a).num_milliseconds() as f64 / 1_000.0);
+    let restore = text
+        .lines()
+        .find(|l| l.contains("tasks restored"))
+        .and_then(|l| l.split(" ms=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|ms| ms / 1_000.0);
+    (group_wait, restore)
+}
+
 fn first_output_ms(log: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
@@ -219,6 +251,8 @@ pub fn bench(
         state_dir: &state_dir,
         log_dir: &tmp,
     };
+    let admin = adstream_admin::admin_client(&kafka.bootstrap_servers, &kafka.rdkafka)?;
+    crate::rt()?.block_on(adstream_admin::create_topics(&admin, prefix, partitions, 1, true))?;
     // 1. The buffered input: impressions are about 97 % of generated events.
     let span_s = 1_200.0;
     let events = impressions + impressions / 30;
@@ -294,6 +328,7 @@ pub fn bench(
     };
     let kill_to_output_s = killed.elapsed().as_secs_f64();
     kill(&mut second);
+    let (group_wait_s, restore_s) = breakdown(&log);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(RecoveryFigures {
         recovery_s: recovered as f64 / 1_000.0,
@@ -301,5 +336,7 @@ pub fn bench(
         buffered_impressions: buffered,
         checkpoint_bytes,
         catch_up_s,
+        group_wait_s,
+        restore_s,
     })
 }
