@@ -252,7 +252,9 @@ pub fn bench(
         log_dir: &tmp,
     };
     let admin = adstream_admin::admin_client(&kafka.bootstrap_servers, &kafka.rdkafka)?;
-    crate::rt()?.block_on(adstream_admin::create_topics(&admin, prefix, partitions, 1, true))?;
+    crate::rt()?.block_on(adstream_admin::create_topics(
+        &admin, prefix, partitions, 1, true,
+    ))?;
     // 1. The buffered input: impressions are about 97 % of generated events.
     let span_s = 1_200.0;
     let events = impressions + impressions / 30;

@@ -546,7 +546,35 @@ fn partials_partition(campaign: &str, partitions: usize) -> i32 {
     (xxhash_rust::xxh3::xxh3_64(campaign.as_bytes()) % partitions.max(1) as u64) as i32
 }
 
+/// Records still to read (by the fetch responses' high watermarks) below
+/// which the processor counts as live rather than reading a backlog.
+const LIVE_LAG: i64 = 5_000;
+
 impl Shell<'_> {
+    /// Records between every assigned task's position and the end of its
+    /// partitions, as of the last fetch responses (no broker request).
+    fn input_lag(&self) -> i64 {
+        let behind = |topic: &str, partition: i32, next: i64| {
+            cached_high_watermark(&*self.consumer, topic, partition)
+                .map_or(0, |h| (h - next).max(0))
+        };
+        let joins: i64 = self
+            .joins
+            .values()
+            .map(|t| {
+                (0..3)
+                    .map(|i| behind(&self.topics.inputs[i], t.partition, t.next[i]))
+                    .sum::<i64>()
+            })
+            .sum();
+        let rollups: i64 = self
+            .rollups
+            .values()
+            .map(|t| behind(&self.topics.partials, t.partition, t.next))
+            .sum();
+        joins + rollups
+    }
+
     fn topic_index(&self, topic: &str) -> Option<usize> {
         self.topics.inputs.iter().position(|t| t == topic)
     }
@@ -561,6 +589,7 @@ impl Shell<'_> {
         let mut last_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let consumer = Arc::clone(&self.consumer);
+            let mut drained = false;
             for _ in 0..10_000 {
                 let polled = consumer.poll(Duration::from_millis(50));
                 let now = Instant::now();
@@ -572,6 +601,7 @@ impl Shell<'_> {
                     break;
                 }
                 let Some(msg) = polled else {
+                    drained = true;
                     break;
                 };
                 let msg = msg.map_err(kafka("consuming"))?;
@@ -615,7 +645,14 @@ impl Shell<'_> {
                     return Ok(());
                 }
             }
-            if self.window_closed || last_commit.elapsed() >= self.opts.commit_interval {
+            // A closed window commits at once when the processor is live
+            // (input drained, or fewer than LIVE_LAG records behind): that is
+            // the emit latency users see. While a backlog is read it waits
+            // for the interval like everything else, since a commit per
+            // window would make the backlog pay a broker round trip and an
+            // ack wait for every minute of event time.
+            let window_due = self.window_closed && (drained || self.input_lag() <= LIVE_LAG);
+            if window_due || last_commit.elapsed() >= self.opts.commit_interval {
                 self.commit(metrics, false)?;
                 last_commit = Instant::now();
             }

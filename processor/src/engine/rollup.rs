@@ -29,8 +29,8 @@
 //! announcement, so an idle task's cells are never left behind.
 //!
 //! Invariants:
-//! - a task's partials arrive in strictly increasing (window, campaign)
-//!   order; anything not above the last accepted one is a replayed copy (a
+//! - a task's partials arrive in strictly increasing (window, campaign,
+//!   chunk) order; anything not above the last accepted one is a replayed copy (a
 //!   broker that shows aborted transactions to `read_committed` readers) and
 //!   is dropped, so replays never double count;
 //! - a window is emitted once; partial cells that reach an emitted window
@@ -51,12 +51,16 @@ use super::{EngineConfig, EngineStats, Output};
 /// campaign, ad, keyword, state, ip range, device.
 pub type GrainValues = [String; 6];
 
-/// One task's final cells of one window for one campaign.
+/// One task's final cells of one window for one campaign, or a chunk of
+/// them: a campaign with many grains in a window is split so no message
+/// comes near the broker's message size limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Partial {
     pub window_start: i64,
     pub window_end: i64,
     pub campaign_id: String,
+    /// 0, 1, … within (window, campaign).
+    pub chunk: u32,
     /// Cells in grain order; every grain's campaign is `campaign_id`.
     pub cells: Vec<(GrainValues, Measures)>,
 }
@@ -173,34 +177,52 @@ pub(crate) fn emit_window(
     }
 }
 
-/// Splits a window closed by a join task into per-campaign partials, in
-/// campaign order.
+/// Encoded size above which a campaign's cells continue in a new chunk:
+/// far below the brokers' default 1 MB message limit.
+const CHUNK_BYTES: usize = 256 << 10;
+
+/// Splits a window closed by a join task into per-campaign partials (in
+/// chunks of at most about [`CHUNK_BYTES`]), in campaign order.
 ///
 /// Gives back the references the window's cells held.
 pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
     let mut cells = w.cells;
     cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
-    let mut current: Option<Partial> = None;
+    let mut current: Option<(Partial, usize)> = None;
     for (g, m) in cells {
         let p = interner.parts(g);
         let values: GrainValues = std::array::from_fn(|i| interner.string(p[i]).to_owned());
         interner.release(g);
+        // bincode: a length per string, and five i64 measures.
+        let size = values.iter().map(|v| v.len() + 8).sum::<usize>() + 40;
         match &mut current {
-            Some(c) if c.campaign_id == values[0] => c.cells.push((values, m)),
+            Some((c, bytes)) if c.campaign_id == values[0] && *bytes + size <= CHUNK_BYTES => {
+                c.cells.push((values, m));
+                *bytes += size;
+            }
             _ => {
-                if let Some(done) = current.take() {
-                    out.push(Output::Partial(done));
-                }
-                current = Some(Partial {
-                    window_start: w.start,
-                    window_end: w.end,
-                    campaign_id: values[0].clone(),
-                    cells: vec![(values, m)],
-                });
+                let chunk = match current.take() {
+                    Some((done, _)) => {
+                        let next = (done.campaign_id == values[0]).then_some(done.chunk + 1);
+                        out.push(Output::Partial(done));
+                        next.unwrap_or(0)
+                    }
+                    None => 0,
+                };
+                current = Some((
+                    Partial {
+                        window_start: w.start,
+                        window_end: w.end,
+                        campaign_id: values[0].clone(),
+                        chunk,
+                        cells: vec![(values, m)],
+                    },
+                    size,
+                ));
             }
         }
     }
-    if let Some(done) = current {
+    if let Some((done, _)) = current {
         out.push(Output::Partial(done));
     }
 }
@@ -219,7 +241,7 @@ pub struct Rollup {
     windows: WindowStore,
     interner: Interner,
     marks: Vec<Option<Mark>>,
-    last_partial: Vec<Option<(i64, String)>>,
+    last_partial: Vec<Option<(i64, String, u32)>>,
     watermark: i64,
     global: i64,
     /// Per window closed since last taken: the wall time of the mark that closed it.
@@ -264,7 +286,7 @@ impl Rollup {
             tracing::warn!(task, "partial from an unknown task ignored");
             return;
         };
-        let this = (p.window_start, p.campaign_id);
+        let this = (p.window_start, p.campaign_id, p.chunk);
         if last.as_ref().is_some_and(|l| *l >= this) {
             self.rollup_stats.replayed_partials += 1;
             return;
@@ -379,5 +401,100 @@ impl Rollup {
     /// Restores a state written by [`snapshot`](Self::snapshot).
     pub fn restore(bytes: &[u8]) -> Result<Self, bincode::Error> {
         bincode::deserialize(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window where campaign "c" has enough grains to need several chunks.
+    fn big_window(interner: &mut Interner, grains: usize) -> ClosedWindow {
+        let mut cells = Vec::new();
+        let keyword = "k".repeat(200);
+        for i in 0..grains {
+            let g = interner.grain("c", "a", &keyword, "s", &format!("10.{i}.0.0/24"), "d");
+            cells.push((g, Measures::impression(i as i64)));
+        }
+        let g = interner.grain("b", "a", "k", "s", "1.1.1.0/24", "d");
+        cells.push((g, Measures::click(5)));
+        ClosedWindow {
+            start: 0,
+            end: 60_000,
+            cells,
+        }
+    }
+
+    fn partials(out: Vec<Output>) -> Vec<Partial> {
+        out.into_iter()
+            .filter_map(|o| match o {
+                Output::Partial(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_campaign_is_split_into_numbered_chunks_below_the_limit() {
+        let mut interner = Interner::default();
+        let mut out = Vec::new();
+        let w = big_window(&mut interner, 3_000);
+        partials_of(&mut interner, w, &mut out);
+        let ps = partials(out);
+        assert_eq!(interner.grains(), 0, "every cell's reference given back");
+        assert_eq!(ps[0].campaign_id, "b");
+        assert_eq!(ps[0].chunk, 0);
+        let c: Vec<&Partial> = ps.iter().filter(|p| p.campaign_id == "c").collect();
+        assert!(c.len() >= 3, "{} chunks", c.len());
+        for (i, p) in c.iter().enumerate() {
+            assert_eq!(p.chunk, i as u32);
+            let bytes = PartialMessage::Cells {
+                task: 0,
+                partial: (*p).clone(),
+            }
+            .encode()
+            .len();
+            assert!(bytes <= CHUNK_BYTES + 1024, "chunk of {bytes} bytes");
+        }
+        assert_eq!(c.iter().map(|p| p.cells.len()).sum::<usize>(), 3_000);
+    }
+
+    #[test]
+    fn the_rollup_sums_every_chunk_once() {
+        let mut interner = Interner::default();
+        let mut out = Vec::new();
+        let w = big_window(&mut interner, 3_000);
+        partials_of(&mut interner, w, &mut out);
+        let ps = partials(out);
+        let cfg = EngineConfig::default();
+        let mut r = Rollup::new(&cfg, 1);
+        for p in &ps {
+            r.on_partial(0, p.clone());
+        }
+        // A replayed chunk (aborted copy) is dropped.
+        r.on_partial(0, ps[1].clone());
+        assert_eq!(r.rollup_stats().replayed_partials, 1);
+        let mark = Mark {
+            watermark: 60_000,
+            idle: false,
+            at_ms: 0,
+        };
+        r.on_mark(0, mark);
+        let rows: Vec<AdMetric> = r
+            .take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::AdMetric(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rows.len(), 3_001);
+        let c: i64 = rows
+            .iter()
+            .filter(|m| m.campaign_id == "c")
+            .map(|m| m.cost_micros)
+            .sum();
+        assert_eq!(c, (0..3_000i64).sum::<i64>());
+        assert_eq!(r.interned_grains(), 0);
     }
 }
