@@ -196,8 +196,40 @@ pub struct Engine {
 
 /// A checkpoint that cannot be read back.
 #[derive(Debug, thiserror::Error)]
-#[error("unreadable engine checkpoint: {0}")]
-pub struct CheckpointError(#[from] bincode::Error);
+pub enum CheckpointError {
+    #[error("not a checkpoint of this format (written by an incompatible version of the processor? this build reads format {CHECKPOINT_FORMAT}); delete the task's checkpoints to start it from its committed input, or run the version that wrote them")]
+    Format,
+    #[error("unreadable checkpoint: {0}")]
+    Decode(#[from] bincode::Error),
+}
+
+/// Version of the state layout in checkpoints; bumped whenever a
+/// checkpointed type changes shape.
+pub const CHECKPOINT_FORMAT: u16 = 2;
+
+/// Prefixes serialized state with a tag and [`CHECKPOINT_FORMAT`].
+pub(crate) fn framed_checkpoint(tag: &[u8; 4], state: &impl Serialize) -> Vec<u8> {
+    let mut out = tag.to_vec();
+    out.extend(CHECKPOINT_FORMAT.to_le_bytes());
+    // Serializing plain data into a Vec cannot fail.
+    bincode::serialize_into(&mut out, state).unwrap_or_default();
+    out
+}
+
+/// The state after a [`framed_checkpoint`] header, if tag and format match.
+pub(crate) fn unframed_checkpoint<'a>(
+    tag: &[u8; 4],
+    bytes: &'a [u8],
+) -> Result<&'a [u8], CheckpointError> {
+    match bytes.split_at_checked(6) {
+        Some((head, rest))
+            if head[..4] == tag[..] && head[4..] == CHECKPOINT_FORMAT.to_le_bytes() =>
+        {
+            Ok(rest)
+        }
+        _ => Err(CheckpointError::Format),
+    }
+}
 
 impl Engine {
     /// `codec` must already know every writer schema the input may use
@@ -239,13 +271,12 @@ impl Engine {
     /// watermarks, anomaly baselines and counters. Outputs not yet taken are
     /// not part of it (take them first).
     pub fn checkpoint(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail.
-        bincode::serialize(&self.state).unwrap_or_default()
+        framed_checkpoint(b"ADSJ", &self.state)
     }
 
     /// An engine continuing from a [`checkpoint`](Self::checkpoint).
     pub fn restore(cfg: EngineConfig, codec: Codec, bytes: &[u8]) -> Result<Self, CheckpointError> {
-        let state: EngineState = bincode::deserialize(bytes)?;
+        let state: EngineState = bincode::deserialize(unframed_checkpoint(b"ADSJ", bytes)?)?;
         let mut e = Self::with_output(cfg, codec, state.mode);
         e.state = state;
         Ok(e)

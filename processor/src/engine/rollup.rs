@@ -394,13 +394,14 @@ impl Rollup {
 
     /// Serializes the state (outputs not yet taken are not part of it).
     pub fn snapshot(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail.
-        bincode::serialize(self).unwrap_or_default()
+        super::framed_checkpoint(b"ADSR", self)
     }
 
     /// Restores a state written by [`snapshot`](Self::snapshot).
-    pub fn restore(bytes: &[u8]) -> Result<Self, bincode::Error> {
-        bincode::deserialize(bytes)
+    pub fn restore(bytes: &[u8]) -> Result<Self, super::CheckpointError> {
+        Ok(bincode::deserialize(super::unframed_checkpoint(
+            b"ADSR", bytes,
+        )?)?)
     }
 }
 

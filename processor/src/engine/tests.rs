@@ -496,3 +496,22 @@ fn interned_grains_are_freed_with_the_state_that_holds_them() {
     assert_eq!(again[100].ip_range, "10.7.0.0/24");
     assert_eq!(again[100].impressions, 1);
 }
+
+#[test]
+fn a_checkpoint_of_another_format_is_refused_with_a_clear_error() {
+    let mut h = Harness::simple();
+    h.imp(&imp("i1", 1_000));
+    let mut bytes = h.engine.checkpoint();
+    assert!(Engine::restore(EngineConfig::default(), codec(), &bytes).is_ok());
+    bytes[4] = bytes[4].wrapping_add(1); // another format version
+    let e = Engine::restore(EngineConfig::default(), codec(), &bytes)
+        .err()
+        .expect("refused");
+    assert!(matches!(e, CheckpointError::Format), "{e}");
+    assert!(e.to_string().contains("incompatible version"), "{e}");
+    let rollup = rollup::Rollup::new(&EngineConfig::default(), 1).snapshot();
+    assert!(
+        Engine::restore(EngineConfig::default(), codec(), &rollup).is_err(),
+        "a rollup checkpoint is not a join task's"
+    );
+}
