@@ -210,7 +210,7 @@ fn breakdown(log: &Path) -> (Option<f64>, Option<f64>) {
         return (None, None);
     };
     let group_wait = logged_at(&text, "processor started")
-        .zip(logged_at(&text, "task restored"))
+        .zip(logged_at(&text, "partitions assigned"))
         .map(|(a, b)| (b - a).num_milliseconds() as f64 / 1_000.0);
     let restore = text
         .lines()

@@ -575,6 +575,20 @@ impl Shell<'_> {
         joins + rollups
     }
 
+    /// Whether the task that took a record of `partition` has outputs
+    /// waiting (a window it closed, or side outputs).
+    fn has_outputs_of(&self, partials: bool, partition: i32) -> bool {
+        if partials {
+            self.rollups
+                .get(&partition)
+                .is_some_and(|t| t.rollup.has_outputs())
+        } else {
+            self.joins
+                .get(&partition)
+                .is_some_and(|t| t.engine.has_outputs())
+        }
+    }
+
     fn topic_index(&self, topic: &str) -> Option<usize> {
         self.topics.inputs.iter().position(|t| t == topic)
     }
@@ -627,6 +641,12 @@ impl Shell<'_> {
                         msg.key(),
                         msg.payload(),
                     )?;
+                }
+                if self.has_outputs_of(msg.topic() == self.topics.partials, msg.partition()) {
+                    // Out of the batch, so a closed window is sent (and, when
+                    // live, committed) now and not after up to 10 000 more
+                    // records.
+                    break;
                 }
             }
             self.handle_rebalances()?;
@@ -848,6 +868,11 @@ impl Shell<'_> {
         if assigned.is_empty() {
             return Ok(());
         }
+        tracing::info!(
+            partitions = assigned.len(),
+            since_start_ms = self.started.elapsed().as_millis() as u64,
+            "partitions assigned; restoring tasks"
+        );
         let t0 = Instant::now();
         let mut inputs: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
         let mut partials = Vec::new();
@@ -882,20 +907,57 @@ impl Shell<'_> {
         };
         let now = Instant::now();
         let mut seeks: Vec<(String, i32, i64)> = Vec::new();
-        for p in inputs.keys() {
-            let to: [i64; 3] = std::array::from_fn(|ti| committed_of(&self.topics.inputs[ti], *p));
-            let name = format!("join-{p:04}");
-            let found = self.rt.block_on(self.store.latest(&name, &to))?;
-            let (engine, from) = match found {
-                Some((pos, bytes)) => {
-                    let engine =
-                        Engine::restore(self.opts.engine.clone(), self.codec.clone(), &bytes)
-                            .map_err(|e| RuntimeError::BadCheckpoint {
-                                task: name.clone(),
-                                reason: e.to_string(),
-                            })?;
-                    (engine, [pos[0], pos[1], pos[2]])
-                }
+        // Every join task's checkpoint is fetched at once and decoded on its
+        // own thread: with millions of buffered impressions decoding is
+        // most of a restore, and the tasks are independent.
+        let plans: Vec<(i32, [i64; 3], String)> = inputs
+            .keys()
+            .map(|p| {
+                let to = std::array::from_fn(|ti| committed_of(&self.topics.inputs[ti], *p));
+                (*p, to, format!("join-{p:04}"))
+            })
+            .collect();
+        let fetched = self.rt.block_on(futures_util::future::try_join_all(
+            plans
+                .iter()
+                .map(|(_, to, name)| self.store.latest(name, to)),
+        ))?;
+        let (cfg, codec) = (&self.opts.engine, &self.codec);
+        type Restored = Result<Option<(Vec<i64>, Engine)>, RuntimeError>;
+        let decoded: Vec<Restored> = std::thread::scope(|s| {
+            let handles: Vec<_> = fetched
+                .into_iter()
+                .zip(&plans)
+                .map(|(found, (_, _, name))| {
+                    s.spawn(move || {
+                        found
+                            .map(|(pos, bytes)| {
+                                Engine::restore(cfg.clone(), codec.clone(), &bytes)
+                                    .map(|e| (pos, e))
+                                    .map_err(|e| RuntimeError::BadCheckpoint {
+                                        task: name.clone(),
+                                        reason: e.to_string(),
+                                    })
+                            })
+                            .transpose()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::BadCheckpoint {
+                            task: "join".into(),
+                            reason: "decoding panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        for ((p, to, name), restored) in plans.iter().zip(decoded) {
+            let (engine, from) = match restored? {
+                Some((pos, engine)) => (engine, [pos[0], pos[1], pos[2]]),
                 None => {
                     let mut e = Engine::new_task(self.opts.engine.clone(), self.codec.clone());
                     for topic in 0..3u8 {
@@ -915,7 +977,7 @@ impl Shell<'_> {
                 partition: *p,
                 engine,
                 next: from,
-                replay_to: Some(to),
+                replay_to: Some(*to),
                 held: Vec::new(),
                 paused: [false; 3],
                 last_record: [now; 3],
@@ -1229,9 +1291,14 @@ impl Shell<'_> {
         let Some(group) = self.consumer.group_metadata() else {
             return self.reset_tasks("no consumer group metadata");
         };
+        let t_commit = Instant::now();
+        let mut offsets_ms = 0;
         let result = if tpl.count() > 0 {
-            self.producer
-                .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
+            let r =
+                self.producer
+                    .send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30));
+            offsets_ms = t_commit.elapsed().as_millis() as u64;
+            r
         } else {
             Ok(())
         }
@@ -1262,6 +1329,13 @@ impl Shell<'_> {
             return Err(RuntimeError::Undelivered { failed, first });
         }
         self.commits += 1;
+        tracing::debug!(
+            ms = t_commit.elapsed().as_millis() as u64,
+            offsets_ms,
+            produced = self.produced,
+            window = self.window_closed,
+            "transaction committed"
+        );
         metrics.committed();
         if self.produced > 0 && !self.first_output_committed {
             self.first_output_committed = true;
