@@ -575,20 +575,6 @@ impl Shell<'_> {
         joins + rollups
     }
 
-    /// Whether the task that took a record of `partition` has outputs
-    /// waiting (a window it closed, or side outputs).
-    fn has_outputs_of(&self, partials: bool, partition: i32) -> bool {
-        if partials {
-            self.rollups
-                .get(&partition)
-                .is_some_and(|t| t.rollup.has_outputs())
-        } else {
-            self.joins
-                .get(&partition)
-                .is_some_and(|t| t.engine.has_outputs())
-        }
-    }
-
     fn topic_index(&self, topic: &str) -> Option<usize> {
         self.topics.inputs.iter().position(|t| t == topic)
     }
@@ -641,12 +627,6 @@ impl Shell<'_> {
                         msg.key(),
                         msg.payload(),
                     )?;
-                }
-                if self.has_outputs_of(msg.topic() == self.topics.partials, msg.partition()) {
-                    // Out of the batch, so a closed window is sent (and, when
-                    // live, committed) now and not after up to 10 000 more
-                    // records.
-                    break;
                 }
             }
             self.handle_rebalances()?;
