@@ -12,11 +12,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adstream_processor::engine::EngineConfig;
 use adstream_processor::metrics::Metrics;
-use adstream_processor::runtime::{self, ProcessorOptions, Status};
+use adstream_processor::runtime::{self, Status};
 use adstream_producer::generator::GeneratorConfig;
 use adstream_producer::{RunOptions, Target};
+
+/// Events per second of event time: with `rate` events/s of wall time,
+/// a 1-minute window closes every `60 * EVENT_RATE / rate` seconds.
+const EVENT_RATE: f64 = 300.0;
 
 pub struct LatencyFigures {
     pub p99_ms: f64,
@@ -24,6 +27,7 @@ pub struct LatencyFigures {
     pub windows: usize,
     pub events: u64,
     pub rate: f64,
+    pub event_rate: f64,
 }
 
 pub fn bench(
@@ -33,31 +37,8 @@ pub fn bench(
     events: u64,
     rate: f64,
 ) -> anyhow::Result<LatencyFigures> {
-    let admin = adstream_admin::admin_client(&kafka.bootstrap_servers, &kafka.rdkafka)?;
-    crate::rt()?.block_on(adstream_admin::create_topics(
-        &admin, prefix, partitions, 1, true,
-    ))?;
-    let opts = ProcessorOptions {
-        bootstrap: kafka.bootstrap_servers.clone(),
-        registry_url: kafka.schema_registry_url.clone(),
-        overrides: {
-            let mut o = kafka.rdkafka.clone();
-            o.push(("session.timeout.ms".into(), "6000".into()));
-            o
-        },
-        topic_prefix: prefix.to_owned(),
-        group_id: format!("{prefix}processor"),
-        engine: EngineConfig::default(),
-        idle_timeout: Duration::from_secs(2),
-        commit_interval: Duration::from_secs(1),
-        instance_id: "0".into(),
-        state_url: format!(
-            "file://{}",
-            std::env::temp_dir().join("adstream-state").display()
-        ),
-        checkpoint_interval: Duration::from_secs(10),
-        stop_when_idle: true,
-    };
+    crate::create_topics(kafka, prefix, partitions)?;
+    let opts = crate::processor_options(kafka, prefix, Duration::from_secs(2));
     let stop = AtomicBool::new(false);
     let status = Arc::new(Status::default());
     let metrics = Metrics::new();
@@ -69,7 +50,7 @@ pub fn bench(
                 RunOptions {
                     generator: GeneratorConfig {
                         seed: 31,
-                        event_rate: 300.0,
+                        event_rate: EVENT_RATE,
                         ..Default::default()
                     },
                     events: Some(events),
@@ -99,14 +80,16 @@ pub fn bench(
         Ok(())
     })?;
     let mut l = metrics.emit_latencies_ms();
-    anyhow::ensure!(!l.is_empty(), "no window was emitted in the live run");
     l.sort_unstable();
-    let at = |q: f64| l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1] as f64;
+    let (Some(p99_ms), Some(p50_ms)) = (crate::quantile(&l, 0.99), crate::quantile(&l, 0.5)) else {
+        anyhow::bail!("no window was emitted in the live run");
+    };
     Ok(LatencyFigures {
-        p99_ms: at(0.99),
-        p50_ms: at(0.5),
+        p99_ms,
+        p50_ms,
         windows: l.len(),
         events,
         rate,
+        event_rate: EVENT_RATE,
     })
 }

@@ -327,6 +327,53 @@ fn bench_state(impressions: u64, partitions: i32) -> anyhow::Result<StateFigure>
     })
 }
 
+/// The in-process processor of the e2e and live runs: one instance, the
+/// default engine, a 6 s session (the smallest Apache Kafka allows by default).
+fn processor_options(
+    kafka: &adstream_schemas::config::KafkaArgs,
+    prefix: &str,
+    idle_timeout: Duration,
+) -> ProcessorOptions {
+    let mut overrides = kafka.rdkafka.clone();
+    overrides.push(("session.timeout.ms".into(), "6000".into()));
+    ProcessorOptions {
+        bootstrap: kafka.bootstrap_servers.clone(),
+        registry_url: kafka.schema_registry_url.clone(),
+        overrides,
+        topic_prefix: prefix.to_owned(),
+        group_id: format!("{prefix}processor"),
+        engine: EngineConfig::default(),
+        idle_timeout,
+        commit_interval: Duration::from_secs(1),
+        instance_id: "0".into(),
+        state_url: format!(
+            "file://{}",
+            std::env::temp_dir().join("adstream-state").display()
+        ),
+        checkpoint_interval: Duration::from_secs(10),
+        stop_when_idle: true,
+    }
+}
+
+/// Creates the input, result and internal topics of a run under `prefix`.
+fn create_topics(
+    kafka: &adstream_schemas::config::KafkaArgs,
+    prefix: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin = adstream_admin::admin_client(&kafka.bootstrap_servers, &kafka.rdkafka)?;
+    rt()?.block_on(adstream_admin::create_topics(
+        &admin, prefix, partitions, 1, true,
+    ))?;
+    Ok(())
+}
+
+/// The `q` quantile (nearest rank) of sorted samples; `None` when empty.
+fn quantile(sorted: &[u64], q: f64) -> Option<f64> {
+    let n = sorted.len();
+    (n > 0).then(|| sorted[((n as f64 * q).ceil() as usize).clamp(1, n) - 1] as f64)
+}
+
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -356,14 +403,7 @@ struct E2eFigures {
 fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
     let p = prefix("e2e");
     let rt = rt()?;
-    let admin = adstream_admin::admin_client(&args.kafka.bootstrap_servers, &args.kafka.rdkafka)?;
-    rt.block_on(adstream_admin::create_topics(
-        &admin,
-        &p,
-        args.partitions,
-        1,
-        true,
-    ))?;
+    create_topics(&args.kafka, &p, args.partitions)?;
     let summary = adstream_producer::run(
         RunOptions {
             generator: GeneratorConfig {
@@ -435,27 +475,7 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
 
     // The processor on the same topics, from its first assignment to the
     // moment it has taken in every input record.
-    let opts = ProcessorOptions {
-        bootstrap: args.kafka.bootstrap_servers.clone(),
-        registry_url: args.kafka.schema_registry_url.clone(),
-        overrides: {
-            let mut o = args.kafka.rdkafka.clone();
-            o.push(("session.timeout.ms".into(), "6000".into()));
-            o
-        },
-        topic_prefix: p.clone(),
-        group_id: format!("{p}processor"),
-        engine: EngineConfig::default(),
-        idle_timeout: Duration::from_secs(1),
-        commit_interval: Duration::from_secs(1),
-        instance_id: "0".into(),
-        state_url: format!(
-            "file://{}",
-            std::env::temp_dir().join("adstream-state").display()
-        ),
-        checkpoint_interval: std::time::Duration::from_secs(10),
-        stop_when_idle: true,
-    };
+    let opts = processor_options(&args.kafka, &p, Duration::from_secs(1));
     let stop = AtomicBool::new(false);
     let status = Arc::new(Status::default());
     let metrics = Metrics::new();
@@ -489,10 +509,7 @@ fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
     let emit_latency = {
         let mut l = metrics.emit_latencies_ms();
         l.sort_unstable();
-        (!l.is_empty()).then(|| {
-            let i = ((l.len() as f64 * 0.99).ceil() as usize).clamp(1, l.len()) - 1;
-            (l[i] as f64, l.len())
-        })
+        quantile(&l, 0.99).map(|p99| (p99, l.len()))
     };
 
     // The object-storage loader on every input and result record of the run.
@@ -702,7 +719,7 @@ fn main() -> anyhow::Result<()> {
             "emit_latency_p99_ms: a live run ({} events produced at {:.0}/s while the processor keeps up; event time runs 1 minute per {:.1} s of wall time, so windows close often): p99 {:.0} ms, p50 {:.0} ms over {} windows, from the mark of the last join task whose watermark passed a window to the commit of the transaction holding its rollup",
             l.events,
             l.rate,
-            60.0 * 300.0 / l.rate,
+            60.0 * l.event_rate / l.rate,
             l.p99_ms,
             l.p50_ms,
             l.windows

@@ -24,6 +24,7 @@ use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+use adstream_processor::checkpoints::positions_in_name;
 use adstream_processor::engine::{Engine, EngineConfig};
 use adstream_producer::generator::GeneratorConfig;
 use adstream_producer::{RunOptions, Target};
@@ -143,14 +144,6 @@ fn end_offsets(
     Ok(out)
 }
 
-/// Positions in a checkpoint file name (`<p0>-<p1>-<p2>.ckpt`).
-fn positions(file: &str) -> Option<Vec<i64>> {
-    file.strip_suffix(".ckpt")?
-        .split('-')
-        .map(|p| p.parse().ok())
-        .collect()
-}
-
 /// The size of every join task's checkpoint at `ends`, once all exist.
 fn checkpoints_at_end(
     dir: &Path,
@@ -164,7 +157,7 @@ fn checkpoints_at_end(
         let found = std::fs::read_dir(&task).ok()?.flatten().find(|e| {
             e.file_name()
                 .to_str()
-                .and_then(positions)
+                .and_then(positions_in_name)
                 .is_some_and(|pos| pos.len() == 3 && pos.iter().zip(&want).all(|(a, b)| a >= b))
         })?;
         total += found.metadata().ok()?.len();
@@ -251,10 +244,7 @@ pub fn bench(
         state_dir: &state_dir,
         log_dir: &tmp,
     };
-    let admin = adstream_admin::admin_client(&kafka.bootstrap_servers, &kafka.rdkafka)?;
-    crate::rt()?.block_on(adstream_admin::create_topics(
-        &admin, prefix, partitions, 1, true,
-    ))?;
+    crate::create_topics(kafka, prefix, partitions)?;
     // 1. The buffered input: impressions are about 97 % of generated events.
     let span_s = 1_200.0;
     let events = impressions + impressions / 30;

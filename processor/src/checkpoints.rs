@@ -46,7 +46,8 @@ fn name(positions: &[i64]) -> String {
     format!("{}.ckpt", parts.join("-"))
 }
 
-fn parse(file: &str) -> Option<Vec<i64>> {
+/// The positions a checkpoint file name (`<p0>-<p1>-….ckpt`) covers.
+pub fn positions_in_name(file: &str) -> Option<Vec<i64>> {
     file.strip_suffix(".ckpt")?
         .split('-')
         .map(|p| p.parse().ok())
@@ -99,7 +100,7 @@ impl CheckpointStore {
         Ok(metas
             .into_iter()
             .filter_map(|m| {
-                let pos = parse(m.location.filename()?)?;
+                let pos = positions_in_name(m.location.filename()?)?;
                 Some((pos, m.location))
             })
             .collect())
@@ -162,8 +163,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(parse(&name(&[0, 12, 3456])), Some(vec![0, 12, 3456]));
-        assert_eq!(parse("x.json"), None);
+        assert_eq!(
+            positions_in_name(&name(&[0, 12, 3456])),
+            Some(vec![0, 12, 3456])
+        );
+        assert_eq!(positions_in_name("x.json"), None);
     }
 
     #[tokio::test]
