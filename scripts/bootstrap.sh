@@ -27,6 +27,13 @@ if ((${#missing[@]})); then
     exit 1
   fi
 fi
+# A cold build plus the test stack's data take a few GB; say so up front
+# rather than let the linker fail with "No space left on device".
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+free_kb=$(df -Pk "$here" 2>/dev/null | awk 'NR == 2 { print $4 }')
+if [[ -n ${free_kb:-} && $free_kb -lt $((6 * 1024 * 1024)) ]]; then
+  echo "bootstrap: warning: only $((free_kb / 1024)) MB free under $here; a cold build and test run need about 6 GB" >&2
+fi
 command -v cargo >/dev/null 2>&1 || { echo "bootstrap: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
 # Python tools for the repo's own checks (PyYAML for scripts/check_compose.py).
