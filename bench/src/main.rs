@@ -346,6 +346,7 @@ fn processor_options(
         idle_timeout,
         commit_interval: Duration::from_secs(1),
         instance_id: "0".into(),
+        static_membership: false,
         state_url: format!(
             "file://{}",
             std::env::temp_dir().join("adstream-state").display()
@@ -738,7 +739,7 @@ fn main() -> anyhow::Result<()> {
         );
         figures.insert("recovery_s".into(), (r.recovery_s * 100.0).round() / 100.0);
         notes.push(format!(
-            "recovery_s: the processor binary held {} buffered impressions (counted in its checkpoints; {:.0} MB of join-task checkpoints, taken in and checkpointed in {:.0} s), was killed with SIGKILL and restarted; the figure is the restarted process's start to its first committed output: {} s waiting for the group to assign its partitions (the dead member's 6 s session, then the rebalance), {} s loading the checkpoints, the rest the new input; kill to output was {:.2} s",
+            "recovery_s: the processor binary held {} buffered impressions (counted in its checkpoints; {:.0} MB of join-task checkpoints, taken in and checkpointed in {:.0} s), was killed with SIGKILL and restarted; the figure is the restarted process's start to its first committed output: {} s waiting for the group to assign its partitions (restarted with --static-membership: tansu still waits out the dead member's 6 s session; Apache Kafka would hand the partitions back at once), {} s loading the checkpoints, the rest the new input; kill to output was {:.2} s",
             r.buffered_impressions,
             r.checkpoint_bytes as f64 / 1e6,
             r.catch_up_s,

@@ -73,6 +73,8 @@ impl Run<'_> {
             .args(["--topic-prefix", self.prefix])
             .args(["--group-id", &format!("{}processor", self.prefix)])
             .args(["--instance-id", "0"])
+            // Restarted in place under the same name: what --static-membership is for.
+            .arg("--static-membership")
             .args([
                 "--state-url",
                 &format!("file://{}", self.state_dir.display()),

@@ -67,6 +67,15 @@ struct Args {
     /// at once. Default: $HOSTNAME, else "0".
     #[arg(long, env = "PROCESSOR_INSTANCE_ID")]
     instance_id: Option<String>,
+    /// Join the group as a static member (`group.instance.id` =
+    /// `<group-id>-<instance-id>`, KIP-345): a restarted instance gets its
+    /// partitions back without a rebalance. For instances restarted in place
+    /// under a stable name (a StatefulSet). The cost: a stopped static member
+    /// does not leave the group, so its partitions wait for
+    /// `session.timeout.ms` before another instance takes them over; scale in
+    /// without it, or lower the session timeout.
+    #[arg(long, env = "PROCESSOR_STATIC_MEMBERSHIP")]
+    static_membership: bool,
     /// Where task checkpoints are stored: s3://bucket/prefix (AWS_* variables
     /// configure S3), file:///dir, ... Every instance of a group must use
     /// the same store. Default: .adstream/processor-state under the working directory.
@@ -149,6 +158,7 @@ fn main() -> anyhow::Result<()> {
             .instance_id
             .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
             .unwrap_or_else(|| "0".to_owned()),
+        static_membership: args.static_membership,
         state_url,
         checkpoint_interval: args.checkpoint_interval,
         stop_when_idle: args.stop_when_idle,

@@ -86,6 +86,8 @@ pub struct ProcessorOptions {
     /// Stable name of this instance: its transactional id is `<group>-<instance>`,
     /// so a restarted instance fences its previous incarnation's open transaction.
     pub instance_id: String,
+    /// Join the group as a static member named `<group>-<instance>` (KIP-345).
+    pub static_membership: bool,
     /// Object store URL for task checkpoints.
     pub state_url: String,
     pub checkpoint_interval: Duration,
@@ -385,6 +387,12 @@ pub fn run(
         .set("enable.partition.eof", "false")
         .set("partition.assignment.strategy", "range")
         .set("fetch.wait.max.ms", "100");
+    if opts.static_membership {
+        cc.set(
+            "group.instance.id",
+            format!("{}-{}", opts.group_id, opts.instance_id),
+        );
+    }
     let mut pc = ClientConfig::new();
     pc.set("bootstrap.servers", &opts.bootstrap)
         .set(

@@ -191,6 +191,7 @@ fn million_events_match_the_oracle() {
         idle_timeout: Duration::from_secs(2),
         commit_interval: Duration::from_secs(1),
         instance_id: "0".into(),
+        static_membership: false,
         state_url: format!(
             "file://{}",
             std::env::temp_dir().join("adstream-state").display()

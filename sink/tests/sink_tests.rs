@@ -131,6 +131,7 @@ fn rows_and_objects_equal_the_oracle_and_kafka_after_five_sigkills() {
         idle_timeout: Duration::from_secs(2),
         commit_interval: Duration::from_secs(1),
         instance_id: "0".into(),
+        static_membership: false,
         state_url: format!(
             "file://{}",
             std::env::temp_dir().join("adstream-state").display()
