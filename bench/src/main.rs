@@ -347,13 +347,19 @@ fn processor_options(
         commit_interval: Duration::from_secs(1),
         instance_id: "0".into(),
         static_membership: false,
-        state_url: format!(
-            "file://{}",
-            std::env::temp_dir().join("adstream-state").display()
-        ),
+        state_url: format!("file://{}", state_dir(prefix).display()),
         checkpoint_interval: Duration::from_secs(10),
         stop_when_idle: true,
     }
+}
+
+/// Checkpoints of the in-process processor of the run under `prefix`
+/// (removed with the run's topics).
+fn state_dir(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "adstream-bench-state-{}",
+        prefix.trim_end_matches('.')
+    ))
 }
 
 /// Creates the input, result and internal topics of a run under `prefix`.
@@ -401,8 +407,8 @@ struct E2eFigures {
     emit_latency: Option<(f64, usize)>,
 }
 
-fn bench_e2e(args: &Args, events: u64) -> anyhow::Result<E2eFigures> {
-    let p = prefix("e2e");
+fn bench_e2e(args: &Args, p: &str, events: u64) -> anyhow::Result<E2eFigures> {
+    let p = p.to_owned();
     let rt = rt()?;
     create_topics(&args.kafka, &p, args.partitions)?;
     let summary = adstream_producer::run(
@@ -662,7 +668,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     if wanted("e2e") {
-        let x = bench_e2e(&args, args.e2e_events)?;
+        let p = prefix("e2e");
+        let x = bench_e2e(&args, &p, args.e2e_events);
+        adstream_bench::delete_topics(&args.kafka, &p);
+        let _ = std::fs::remove_dir_all(state_dir(&p));
+        let x = x?;
         figures.insert(
             "producer_events_per_s".into(),
             x.producer_events_per_s.round(),
@@ -704,13 +714,17 @@ fn main() -> anyhow::Result<()> {
     }
 
     if wanted("latency") {
+        let p = prefix("live");
         let l = latency::bench(
             &args.kafka,
-            &prefix("live"),
+            &p,
             args.partitions,
             args.latency_events,
             args.latency_rate,
-        )?;
+        );
+        adstream_bench::delete_topics(&args.kafka, &p);
+        let _ = std::fs::remove_dir_all(state_dir(&p));
+        let l = l?;
         eprintln!(
             "latency: p99 {:.0} ms, p50 {:.0} ms over {} windows",
             l.p99_ms, l.p50_ms, l.windows
@@ -727,12 +741,10 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     if wanted("recovery") {
-        let r = recovery::bench(
-            &args.kafka,
-            &prefix("recovery"),
-            args.partitions,
-            args.recovery_impressions,
-        )?;
+        let p = prefix("recovery");
+        let r = recovery::bench(&args.kafka, &p, args.partitions, args.recovery_impressions);
+        adstream_bench::delete_topics(&args.kafka, &p);
+        let r = r?;
         eprintln!(
             "recovery: {:.2} s from restart to the first committed output ({:.2} s from the kill)",
             r.recovery_s, r.kill_to_output_s

@@ -93,6 +93,20 @@ async fn fresh_database(url: &str, name: &str) -> anyhow::Result<String> {
     Ok(db_url)
 }
 
+/// Drops the run's databases (their rows were only there to be timed).
+async fn drop_databases(url: &str, names: &[String]) -> anyhow::Result<()> {
+    let (admin, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .context("connecting")?;
+    tokio::spawn(conn);
+    for name in names {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
+    Ok(())
+}
+
 async fn raw_copy(db_url: &str, rows: &[AdMetric]) -> anyhow::Result<Duration> {
     let (mut client, conn) = tokio_postgres::connect(db_url, NoTls).await?;
     tokio::spawn(conn);
@@ -194,7 +208,7 @@ pub fn bench(kafka: &KafkaArgs, database_url: &str, n: u64) -> anyhow::Result<Pg
     let status = SinkStatus::default();
     let t0 = Instant::now();
     let mut loaded_in = None;
-    std::thread::scope(|s| -> anyhow::Result<()> {
+    let scoped = std::thread::scope(|s| -> anyhow::Result<()> {
         let worker = s.spawn(|| rt.block_on(adstream_sink::postgres::run(&opts, &stop, &status)));
         while !worker.is_finished() && loaded_in.is_none() {
             if status.rows_loaded.load(Ordering::Relaxed) >= n {
@@ -210,7 +224,15 @@ pub fn bench(kafka: &KafkaArgs, database_url: &str, n: u64) -> anyhow::Result<Pg
             .join()
             .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
         Ok(())
-    })?;
+    });
+    crate::delete_topics(kafka, &prefix);
+    if let Err(e) = rt.block_on(drop_databases(
+        database_url,
+        &[format!("{name}sink"), format!("{name}copy")],
+    )) {
+        eprintln!("warning: could not drop the run's databases: {e:#}");
+    }
+    scoped?;
     let sink = loaded_in.context("the sink did not load every row")?;
     Ok(PgFigures {
         rows: n,

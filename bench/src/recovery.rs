@@ -56,6 +56,14 @@ fn processor_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Run<'a> {
     kafka: &'a adstream_schemas::config::KafkaArgs,
     prefix: &'a str,
@@ -238,6 +246,8 @@ pub fn bench(
     impressions: u64,
 ) -> anyhow::Result<RecoveryFigures> {
     let tmp = std::env::temp_dir().join(format!("adstream-recovery-{}", std::process::id()));
+    // Its checkpoints take GBs: removed however the run ends.
+    let _cleanup = RemoveOnDrop(tmp.clone());
     let state_dir = tmp.join("state");
     std::fs::create_dir_all(&state_dir)?;
     let run = Run {
@@ -323,7 +333,6 @@ pub fn bench(
     let kill_to_output_s = killed.elapsed().as_secs_f64();
     kill(&mut second);
     let (group_wait_s, restore_s) = breakdown(&log);
-    let _ = std::fs::remove_dir_all(&tmp);
     Ok(RecoveryFigures {
         recovery_s: recovered as f64 / 1_000.0,
         kill_to_output_s,

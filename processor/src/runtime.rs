@@ -1196,7 +1196,11 @@ impl Shell<'_> {
             if task.replay_to.is_some() {
                 continue;
             }
-            self.close_times.extend(task.rollup.take_close_times());
+            let closes = task.rollup.take_close_times();
+            if let Some(first) = closes.iter().min() {
+                tracing::debug!(task = %task.name(), windows = closes.len(), since_mark_ms = now_ms - first, "rollup closed windows");
+            }
+            self.close_times.extend(closes);
             for out in task.rollup.take_outputs() {
                 produced += 1;
                 self.window_closed = true;
