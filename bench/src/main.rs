@@ -441,7 +441,9 @@ fn bench_e2e(args: &Args, p: &str, events: u64) -> anyhow::Result<E2eFigures> {
     cc.set("bootstrap.servers", &args.kafka.bootstrap_servers)
         .set("group.id", format!("{p}ceiling"))
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100");
+        // The processor's fetch settings, so the two read alike.
+        .set("fetch.wait.max.ms", "100")
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in &args.kafka.rdkafka {
         cc.set(k, v);
     }

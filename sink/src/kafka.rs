@@ -21,7 +21,12 @@ pub fn consumer(
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // librdkafka postpones the next fetch of a partition by this much
+        // (default 1 s) once its local queue is full; a loader drains its
+        // queue in milliseconds, so the default stalled it (measured: 400-500
+        // ms gaps, 110 k rows/s against 150 k with 10 ms).
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in overrides {
         cc.set(k, v);
     }

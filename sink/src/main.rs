@@ -47,8 +47,9 @@ struct Db {
 struct PgLoad {
     #[command(flatten)]
     db: Db,
-    /// Records per transaction, at most.
-    #[arg(long, default_value_t = 5_000)]
+    /// Records per transaction, at most (measured: 20 000 loads ~5% faster
+    /// than 5 000; each is ~100 ms of PostgreSQL work).
+    #[arg(long, default_value_t = 20_000)]
     batch_size: usize,
     /// How long the first record of a batch may wait before the batch is written.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]

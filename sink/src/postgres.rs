@@ -11,13 +11,16 @@
 //! rows it writes again overwrite themselves (the upsert makes replays of
 //! the topic harmless too). Kafka's own committed offsets are not used.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, Pool};
 use futures_util::pin_mut;
+use hashbrown::HashTable;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
@@ -25,7 +28,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::NoTls;
 
 use adstream_schemas::topics;
@@ -82,6 +85,8 @@ fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> SinkError {
 /// Counters for tests, health checks and metrics.
 #[derive(Debug, Default)]
 pub struct SinkStatus {
+    /// Records taken from the result topics (loaded or not yet).
+    pub records_read: AtomicU64,
     pub rows_loaded: AtomicU64,
     pub batches: AtomicU64,
     pub undecodable: AtomicU64,
@@ -104,15 +109,172 @@ fn ts(ms: i64) -> SystemTime {
     }
 }
 
-/// The ad-metrics grain: (window_start, campaign, ad, keyword, state, ip_range, device).
-type MetricKey = (i64, String, String, String, String, String, String);
+/// A result row as the loader writes it: its table's primary key (rows of a
+/// batch with the same key collapse to the last one, as the upsert would)
+/// and its binary `COPY` columns.
+trait ResultRow: Send + Sync {
+    /// The primary key, borrowed from the row.
+    type Key<'a>: std::hash::Hash + Eq
+    where
+        Self: 'a;
+    /// Column types in table order.
+    const TYPES: &'static [Type];
+    fn key(&self) -> Self::Key<'_>;
+    /// Writes the row's columns, borrowed (no per-row copies or boxes).
+    fn copy_into(
+        &self,
+        w: Pin<&mut BinaryCopyInWriter>,
+    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
+}
 
-/// One batch: rows keyed by their grain (last write wins) and positions.
+impl ResultRow for AdMetric {
+    type Key<'a> = (i64, &'a str, &'a str, &'a str, &'a str, &'a str, &'a str);
+    const TYPES: &'static [Type] = &METRIC_TYPES;
+    fn key(&self) -> Self::Key<'_> {
+        (
+            self.window_start,
+            &self.campaign_id,
+            &self.ad_id,
+            &self.search_keyword,
+            &self.state,
+            &self.ip_range,
+            &self.device_type,
+        )
+    }
+    async fn copy_into(
+        &self,
+        w: Pin<&mut BinaryCopyInWriter>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (s, e) = (ts(self.window_start), ts(self.window_end));
+        w.write(&[
+            &s,
+            &e,
+            &self.campaign_id,
+            &self.ad_id,
+            &self.search_keyword,
+            &self.state,
+            &self.ip_range,
+            &self.device_type,
+            &self.impressions,
+            &self.clicks,
+            &self.conversions,
+            &self.cost_micros,
+            &self.revenue_micros,
+            &self.ctr,
+            &self.conversion_rate,
+        ])
+        .await
+    }
+}
+
+impl ResultRow for CampaignCtr {
+    type Key<'a> = (i64, &'a str);
+    const TYPES: &'static [Type] = &CAMPAIGN_TYPES;
+    fn key(&self) -> Self::Key<'_> {
+        (self.window_start, &self.campaign_id)
+    }
+    async fn copy_into(
+        &self,
+        w: Pin<&mut BinaryCopyInWriter>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (s, e) = (ts(self.window_start), ts(self.window_end));
+        w.write(&[
+            &s,
+            &e,
+            &self.campaign_id,
+            &self.impressions,
+            &self.clicks,
+            &self.conversions,
+            &self.cost_micros,
+            &self.revenue_micros,
+            &self.ctr,
+            &self.conversion_rate,
+        ])
+        .await
+    }
+}
+
+impl ResultRow for AnomalyAlert {
+    type Key<'a> = &'a str;
+    const TYPES: &'static [Type] = &ALERT_TYPES;
+    fn key(&self) -> Self::Key<'_> {
+        &self.alert_id
+    }
+    async fn copy_into(
+        &self,
+        w: Pin<&mut BinaryCopyInWriter>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let (s, e, d) = (
+            ts(self.window_start),
+            ts(self.window_end),
+            ts(self.detected_at),
+        );
+        w.write(&[
+            &self.alert_id,
+            &self.campaign_id,
+            &self.metric,
+            &self.kind,
+            &s,
+            &e,
+            &self.value,
+            &self.baseline,
+            &self.score,
+            &self.impressions,
+            &self.clicks,
+            &d,
+        ])
+        .await
+    }
+}
+
+/// The rows of one table in a batch, the last one per primary key. Rows
+/// are stored once and indexed by position, so collapsing copies no keys.
+struct LatestRows<T> {
+    rows: Vec<T>,
+    index: HashTable<u32>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl<T> Default for LatestRows<T> {
+    fn default() -> Self {
+        LatestRows {
+            rows: Vec::new(),
+            index: HashTable::new(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl<T: ResultRow> LatestRows<T> {
+    fn insert(&mut self, row: T) {
+        let (rows, hasher) = (&mut self.rows, &self.hasher);
+        let h = hasher.hash_one(row.key());
+        match self.index.find(h, |&i| rows[i as usize].key() == row.key()) {
+            Some(&i) => rows[i as usize] = row,
+            None => {
+                self.index.insert_unique(h, rows.len() as u32, |&i| {
+                    hasher.hash_one(rows[i as usize].key())
+                });
+                rows.push(row);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// One batch: rows collapsed by primary key, and positions.
 #[derive(Default)]
 struct Batch {
-    metrics: BTreeMap<MetricKey, AdMetric>,
-    campaigns: BTreeMap<(i64, String), CampaignCtr>,
-    alerts: BTreeMap<String, AnomalyAlert>,
+    metrics: LatestRows<AdMetric>,
+    campaigns: LatestRows<CampaignCtr>,
+    alerts: LatestRows<AnomalyAlert>,
     positions: HashMap<(String, i32), i64>,
     records: usize,
     started: Option<Instant>,
@@ -195,51 +357,41 @@ const UPSERT_ALERTS: &str = "
         baseline = EXCLUDED.baseline, score = EXCLUDED.score, impressions = EXCLUDED.impressions,
         clicks = EXCLUDED.clicks, detected_at = EXCLUDED.detected_at";
 
-async fn copy_rows(
+async fn copy_rows<T: ResultRow>(
     tx: &tokio_postgres::Transaction<'_>,
     statement: &str,
-    types: &[Type],
-    rows: impl Iterator<Item = Row>,
+    rows: &[T],
 ) -> Result<(), SinkError> {
     let sink = tx.copy_in(statement).await.map_err(pg("starting COPY"))?;
-    let writer = BinaryCopyInWriter::new(sink, types);
+    let writer = BinaryCopyInWriter::new(sink, T::TYPES);
     pin_mut!(writer);
     for row in rows {
-        let refs: Vec<&(dyn ToSql + Sync)> = row
-            .iter()
-            .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        writer.as_mut().write(&refs).await.map_err(pg("COPY row"))?;
+        row.copy_into(writer.as_mut())
+            .await
+            .map_err(pg("COPY row"))?;
     }
     writer.finish().await.map_err(pg("finishing COPY"))?;
     Ok(())
 }
-
-type Row = Vec<Box<dyn ToSql + Sync + Send>>;
 
 /// Loads `rows` into `table`. Fast path: `COPY` straight into the table,
 /// which succeeds whenever none of the rows exist yet (the normal case: each
 /// window is emitted once). If any does (a replay after a crash), the
 /// savepoint is rolled back and the rows go through the staging table and
 /// the upsert instead. Either way the outcome is the upsert's.
-async fn load<I: Iterator<Item = Row>>(
+async fn load<T: ResultRow>(
     tx: &tokio_postgres::Transaction<'_>,
     table: &str,
-    types: &[Type],
     upsert: &str,
-    rows: impl Fn() -> I,
+    rows: &LatestRows<T>,
 ) -> Result<(), SinkError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     tx.batch_execute("SAVEPOINT direct_copy")
         .await
         .map_err(pg("SAVEPOINT"))?;
-    match copy_rows(
-        tx,
-        &format!("COPY {table} FROM STDIN BINARY"),
-        types,
-        rows(),
-    )
-    .await
-    {
+    match copy_rows(tx, &format!("COPY {table} FROM STDIN BINARY"), &rows.rows).await {
         Ok(()) => {
             return tx
                 .batch_execute("RELEASE SAVEPOINT direct_copy")
@@ -258,8 +410,7 @@ async fn load<I: Iterator<Item = Row>>(
     copy_rows(
         tx,
         &format!("COPY stage_{table} FROM STDIN BINARY"),
-        types,
-        rows(),
+        &rows.rows,
     )
     .await?;
     tx.execute(upsert, &[]).await.map_err(pg("upserting"))?;
@@ -277,89 +428,24 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
         .await
         .map_err(pg("creating staging tables"))?;
     let tx = client.transaction().await.map_err(pg("BEGIN"))?;
-    if !batch.metrics.is_empty() {
-        load(&tx, "ad_metrics", &METRIC_TYPES, UPSERT_METRICS, || {
-            batch.metrics.values().map(|m| {
-                let row: Row = vec![
-                    Box::new(ts(m.window_start)),
-                    Box::new(ts(m.window_end)),
-                    Box::new(m.campaign_id.clone()),
-                    Box::new(m.ad_id.clone()),
-                    Box::new(m.search_keyword.clone()),
-                    Box::new(m.state.clone()),
-                    Box::new(m.ip_range.clone()),
-                    Box::new(m.device_type.clone()),
-                    Box::new(m.impressions),
-                    Box::new(m.clicks),
-                    Box::new(m.conversions),
-                    Box::new(m.cost_micros),
-                    Box::new(m.revenue_micros),
-                    Box::new(m.ctr),
-                    Box::new(m.conversion_rate),
-                ];
-                row
-            })
-        })
-        .await?;
-    }
-    if !batch.campaigns.is_empty() {
-        load(
-            &tx,
-            "campaign_ctr",
-            &CAMPAIGN_TYPES,
-            UPSERT_CAMPAIGNS,
-            || {
-                batch.campaigns.values().map(|m| {
-                    let row: Row = vec![
-                        Box::new(ts(m.window_start)),
-                        Box::new(ts(m.window_end)),
-                        Box::new(m.campaign_id.clone()),
-                        Box::new(m.impressions),
-                        Box::new(m.clicks),
-                        Box::new(m.conversions),
-                        Box::new(m.cost_micros),
-                        Box::new(m.revenue_micros),
-                        Box::new(m.ctr),
-                        Box::new(m.conversion_rate),
-                    ];
-                    row
-                })
-            },
-        )
-        .await?;
-    }
-    if !batch.alerts.is_empty() {
-        load(&tx, "anomaly_alerts", &ALERT_TYPES, UPSERT_ALERTS, || {
-            batch.alerts.values().map(|a| {
-                let row: Row = vec![
-                    Box::new(a.alert_id.clone()),
-                    Box::new(a.campaign_id.clone()),
-                    Box::new(a.metric.clone()),
-                    Box::new(a.kind.clone()),
-                    Box::new(ts(a.window_start)),
-                    Box::new(ts(a.window_end)),
-                    Box::new(a.value),
-                    Box::new(a.baseline),
-                    Box::new(a.score),
-                    Box::new(a.impressions),
-                    Box::new(a.clicks),
-                    Box::new(ts(a.detected_at)),
-                ];
-                row
-            })
-        })
-        .await?;
-    }
-    for ((topic, partition), next) in &batch.positions {
-        tx.execute(
-            "INSERT INTO sink_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (consumer, topic, partition)
-             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-            &[&consumer, topic, partition, next],
-        )
-        .await
-        .map_err(pg("storing positions"))?;
-    }
+    load(&tx, "ad_metrics", UPSERT_METRICS, &batch.metrics).await?;
+    load(&tx, "campaign_ctr", UPSERT_CAMPAIGNS, &batch.campaigns).await?;
+    load(&tx, "anomaly_alerts", UPSERT_ALERTS, &batch.alerts).await?;
+    // Every position in one statement (one round trip, not one per partition).
+    let (topics, (partitions, nexts)): (Vec<&str>, (Vec<i32>, Vec<i64>)) = batch
+        .positions
+        .iter()
+        .map(|((t, p), n)| (t.as_str(), (*p, *n)))
+        .unzip();
+    tx.execute(
+        "INSERT INTO sink_offsets (consumer, topic, partition, next_offset)
+         SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::int8[])
+         ON CONFLICT (consumer, topic, partition)
+         DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        &[&consumer, &topics, &partitions, &nexts],
+    )
+    .await
+    .map_err(pg("storing positions"))?;
     tx.commit().await.map_err(pg("COMMIT"))?;
     Ok(())
 }
@@ -520,7 +606,17 @@ pub async fn run(
                 let full = std::mem::take(&mut batch);
                 let (pool, consumer) = (pool.clone(), opts.consumer.clone());
                 in_flight = Some(tokio::spawn(async move {
-                    flush(&pool, &consumer, &full).await.map(|()| full.rows())
+                    let t0 = Instant::now();
+                    let filled_ms = full.started.map_or(0, |s| s.elapsed().as_millis() as u64);
+                    let written = flush(&pool, &consumer, &full).await.map(|()| full.rows());
+                    tracing::debug!(
+                        rows = full.rows(),
+                        records = full.records,
+                        filled_ms,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "batch written"
+                    );
+                    written
                 }));
             }
             if stopping {
@@ -541,6 +637,7 @@ pub async fn run(
         }
         batch.positions.insert(key, msg.offset() + 1);
         batch.records += 1;
+        status.records_read.fetch_add(1, Ordering::Relaxed);
         batch.started.get_or_insert_with(Instant::now);
         let Some(value) = msg.payload() else {
             status.undecodable.fetch_add(1, Ordering::Relaxed);
@@ -555,28 +652,20 @@ pub async fn run(
             continue;
         };
         let decoded = if topic == names[0] {
-            codec.decode::<AdMetric>(value).await.map(|m| {
-                let key = (
-                    m.window_start,
-                    m.campaign_id.clone(),
-                    m.ad_id.clone(),
-                    m.search_keyword.clone(),
-                    m.state.clone(),
-                    m.ip_range.clone(),
-                    m.device_type.clone(),
-                );
-                batch.metrics.insert(key, m);
-            })
+            codec
+                .decode::<AdMetric>(value)
+                .await
+                .map(|m| batch.metrics.insert(m))
         } else if topic == names[1] {
-            codec.decode::<CampaignCtr>(value).await.map(|m| {
-                batch
-                    .campaigns
-                    .insert((m.window_start, m.campaign_id.clone()), m);
-            })
+            codec
+                .decode::<CampaignCtr>(value)
+                .await
+                .map(|m| batch.campaigns.insert(m))
         } else {
-            codec.decode::<AnomalyAlert>(value).await.map(|a| {
-                batch.alerts.insert(a.alert_id.clone(), a);
-            })
+            codec
+                .decode::<AnomalyAlert>(value)
+                .await
+                .map(|a| batch.alerts.insert(a))
         };
         if let Err(e) = decoded {
             if e.is_retryable() {
