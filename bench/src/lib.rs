@@ -17,7 +17,9 @@ pub fn delete_topics(kafka: &adstream_schemas::config::KafkaArgs, prefix: &str) 
             .topics()
             .iter()
             .map(|t| t.name())
-            .filter(|n| n.starts_with(prefix))
+            // Quix Streams names its changelog and repartition topics after
+            // the peer run's consumer group (peer-quix-<id>), not our prefix.
+            .filter(|n| n.starts_with(prefix) || n.contains("peer-quix-"))
             .collect();
         if !names.is_empty() {
             tokio::runtime::Builder::new_current_thread()
