@@ -386,10 +386,7 @@ pub fn run(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false")
         .set("partition.assignment.strategy", "range")
-        .set("fetch.wait.max.ms", "100")
-        // The default (1 s) pause of a partition whose local queue is full
-        // outlasts the time the engine takes to drain it.
-        .set("fetch.queue.backoff.ms", "10");
+        .set("fetch.wait.max.ms", "100");
     if opts.static_membership {
         cc.set(
             "group.instance.id",
@@ -563,10 +560,9 @@ fn partials_partition(campaign: &str, partitions: usize) -> i32 {
 /// which the processor counts as live rather than reading a backlog.
 const LIVE_LAG: i64 = 5_000;
 
-/// Bounds of one poll batch, between which outputs are flushed and a commit
-/// may happen.
+/// Records of one poll batch, between which outputs are flushed and a
+/// commit may happen.
 const BATCH_RECORDS: usize = 10_000;
-const BATCH_TIME: Duration = Duration::from_millis(20);
 
 impl Shell<'_> {
     /// Records between every assigned task's position and the end of its
@@ -608,14 +604,7 @@ impl Shell<'_> {
         while !stop.load(Ordering::Relaxed) {
             let consumer = Arc::clone(&self.consumer);
             let mut drained = false;
-            // A batch ends after BATCH_RECORDS or BATCH_TIME: with input
-            // arriving steadily, counting records alone made a closed window
-            // wait for the next 10 000 records (half a second at 20 000/s).
-            let batch_start = Instant::now();
             for _ in 0..BATCH_RECORDS {
-                if batch_start.elapsed() >= BATCH_TIME {
-                    break;
-                }
                 let before = Instant::now();
                 let polled = consumer.poll(Duration::from_millis(50));
                 let now = Instant::now();
@@ -1313,7 +1302,6 @@ impl Shell<'_> {
         } else {
             Ok(())
         }
-        .and_then(|()| wait_delivered(&self.producer, Duration::from_secs(60)))
         .and_then(|()| self.producer.commit_transaction(Duration::from_secs(60)));
         if let Err(e) = result {
             if let KafkaError::Transaction(te) = &e {
@@ -1515,22 +1503,6 @@ impl Shell<'_> {
 }
 
 /// Wall time now, epoch ms.
-/// Waits until every produced record is acknowledged, so that
-/// `commit_transaction` finds nothing to flush. Its own flush polls the
-/// event queue for up to 100 ms at a time, racing the producer's polling
-/// thread for the delivery reports; losing that race cost every commit
-/// 100 ms (measured: ~105 ms per commit, ~5 ms with this wait).
-fn wait_delivered(producer: &ThreadedProducer<Acks>, timeout: Duration) -> Result<(), KafkaError> {
-    let deadline = Instant::now() + timeout;
-    while producer.in_flight_count() > 0 {
-        if Instant::now() >= deadline {
-            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
-    Ok(())
-}
-
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
