@@ -326,7 +326,6 @@ struct Shell<'a> {
     close_times: Vec<i64>,
     buf: Vec<u8>,
     commits: u64,
-    poll_wait: Duration,
     restores: u64,
     aborts: u64,
 }
@@ -462,7 +461,6 @@ pub fn run(
         close_times: Vec::new(),
         buf: Vec::with_capacity(256),
         commits: 0,
-        poll_wait: Duration::ZERO,
         restores: 0,
         aborts: 0,
     };
@@ -605,10 +603,8 @@ impl Shell<'_> {
             let consumer = Arc::clone(&self.consumer);
             let mut drained = false;
             for _ in 0..BATCH_RECORDS {
-                let before = Instant::now();
                 let polled = consumer.poll(Duration::from_millis(50));
                 let now = Instant::now();
-                self.poll_wait += now - before;
                 self.max_poll_gap = self.max_poll_gap.max(now - self.last_poll);
                 self.last_poll = now;
                 if self.consumer.context().pending.load(Ordering::Acquire) {
@@ -1333,7 +1329,6 @@ impl Shell<'_> {
             ms = t_commit.elapsed().as_millis() as u64,
             offsets_ms,
             input_positions = self.joins.values().flat_map(|t| t.next).sum::<i64>(),
-            poll_wait_ms = std::mem::take(&mut self.poll_wait).as_millis() as u64,
             produced = self.produced,
             window = self.window_closed,
             "transaction committed"
