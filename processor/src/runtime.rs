@@ -836,7 +836,17 @@ impl Shell<'_> {
         }
         // Eager rebalancing revoked everything: what this transaction holds
         // belongs to tasks that may move. Abort; the owners replay it.
-        self.abort("rebalance");
+        if self.max_poll_gap > self.session_timeout {
+            // The group noticed the pause before the commit point did: same
+            // outcome as the zombie guard in `commit`, so say so in the log.
+            tracing::warn!(
+                gap_ms = self.max_poll_gap.as_millis() as u64,
+                "no poll for longer than the session timeout; not committing"
+            );
+            self.abort("rebalance after being paused past the session timeout");
+        } else {
+            self.abort("rebalance");
+        }
         self.joins.clear();
         self.rollups.clear();
         let mut assigned: Vec<(String, i32)> = Vec::new();
