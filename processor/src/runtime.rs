@@ -425,9 +425,15 @@ pub fn run(
     let tasks_total = check_co_partitioned(&consumer, &topics.inputs)?;
     let partials_partitions = partition_count(&consumer, &topics.partials)?;
     // Fences this instance's previous incarnation and aborts its open transaction.
+    let t_init = Instant::now();
+    tracing::info!(transactional_id = %format!("{}-{}", opts.group_id, opts.instance_id), "initialising transactions");
     producer
         .init_transactions(Duration::from_secs(60))
         .map_err(kafka("initialising transactions"))?;
+    tracing::info!(
+        ms = t_init.elapsed().as_millis() as u64,
+        "transactions initialised"
+    );
     let mut refs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
     refs.push(&topics.partials);
     consumer

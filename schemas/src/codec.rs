@@ -280,7 +280,24 @@ impl Codec {
             .get(&id)
             .cloned()
             .ok_or(CodecError::UnknownSchemaId(id))?;
-        decode_body::<T>(id, &writer, body)
+        decode_body::<T>(id, T::FULL_NAME, &writer, body)
+    }
+
+    /// Decodes a framed payload whose writer schema is already cached into a
+    /// borrowed [`AvroView`](crate::records::AvroView) of its record: what
+    /// [`decode_cached`](Self::decode_cached) accepts, without allocating.
+    pub fn decode_view<'a, V: crate::records::AvroView<'a>>(
+        &self,
+        payload: &'a [u8],
+    ) -> Result<V, CodecError> {
+        let (id, body) = split_frame(payload)?;
+        let writer = self
+            .read_caches()
+            .by_id
+            .get(&id)
+            .cloned()
+            .ok_or(CodecError::UnknownSchemaId(id))?;
+        decode_body::<V>(id, V::Record::FULL_NAME, &writer, body)
     }
 
     /// Decodes a framed payload, fetching its writer schema on first sight of its id.
@@ -395,15 +412,16 @@ fn parse_writer(id: u32, schema_json: &str) -> Result<WriterSchema, CodecError> 
     })
 }
 
-fn decode_body<T: AvroRecord>(
+fn decode_body<'a, T: serde::Deserialize<'a>>(
     id: u32,
+    full_name: &'static str,
     writer: &WriterSchema,
-    body: &[u8],
+    body: &'a [u8],
 ) -> Result<T, CodecError> {
-    if writer.full_name != T::FULL_NAME {
+    if writer.full_name != full_name {
         return Err(CodecError::WrongSchema {
             id,
-            expected: T::FULL_NAME,
+            expected: full_name,
             found: writer.full_name.clone(),
         });
     }
@@ -660,6 +678,96 @@ pub(crate) mod tests {
             }
             other => panic!("expected WrongSchema, got {other}"),
         }
+    }
+
+    /// Decodes `buf` as a record and as its view; both must accept or both
+    /// reject it, and an accepted view must equal the record.
+    fn view_agrees<'a, T, V>(codec: &Codec, buf: &'a [u8], same: impl Fn(&T, &V) -> bool)
+    where
+        T: AvroRecord + std::fmt::Debug,
+        V: AvroView<'a, Record = T> + std::fmt::Debug,
+    {
+        match (codec.decode_cached::<T>(buf), codec.decode_view::<V>(buf)) {
+            (Ok(r), Ok(v)) => assert!(same(&r, &v), "{r:?} vs {v:?}"),
+            (Err(a), Err(b)) => assert_eq!(a.reason_code(), b.reason_code()),
+            (r, v) => panic!("record {r:?} but view {v:?} for {buf:?}"),
+        }
+    }
+
+    fn same_impression(r: &Impression, v: &ImpressionView) -> bool {
+        r.impression_id == v.impression_id
+            && r.event_time == v.event_time
+            && r.campaign_id == v.campaign_id
+            && r.ad_id == v.ad_id
+            && r.search_keyword == v.search_keyword
+            && r.user_ip == v.user_ip
+            && r.state == v.state
+            && r.device_type == v.device_type
+            && r.cost_micros == v.cost_micros
+    }
+
+    #[test]
+    fn views_accept_and_reject_what_records_do() {
+        let codec = codec_with::<Impression>(3);
+        let mut buf = Vec::new();
+        Codec::encode_with_id(3, &sample_impression(), &mut buf).expect("encode");
+        let v: ImpressionView = codec.decode_view(&buf).expect("view");
+        assert_eq!(v.search_keyword, "running shoes");
+        // Every cut, and every single-byte corruption, is judged alike.
+        for cut in 0..buf.len() {
+            view_agrees(&codec, &buf[..cut], same_impression);
+        }
+        for i in 5..buf.len() {
+            for b in [0x00, 0x01, 0x7f, 0x80, 0xc3, 0xff] {
+                let mut bad = buf.clone();
+                bad[i] = b;
+                view_agrees(&codec, &bad, same_impression);
+            }
+        }
+        // Invalid UTF-8 in fields the engine does not read (user_id, metadata).
+        for field in ["u-9", "src", "test"] {
+            let at = buf
+                .windows(field.len())
+                .position(|w| w == field.as_bytes())
+                .expect("field bytes");
+            let mut bad = buf.clone();
+            bad[at] = 0xff;
+            assert!(codec.decode_cached::<Impression>(&bad).is_err());
+            assert!(
+                codec.decode_view::<ImpressionView>(&bad).is_err(),
+                "{field}"
+            );
+        }
+
+        let codec = codec_with::<Click>(4);
+        Codec::encode_with_id(4, &sample_click(), &mut buf).expect("encode");
+        view_agrees(&codec, &buf, |r: &Click, v: &ClickView| {
+            r.click_id == v.click_id
+                && r.impression_id == v.impression_id
+                && r.event_time == v.event_time
+                && r.user_ip == v.user_ip
+                && r.cost_micros == v.cost_micros
+        });
+        let codec = codec_with::<Conversion>(5);
+        Codec::encode_with_id(5, &sample_conversion(), &mut buf).expect("encode");
+        let same_conv = |r: &Conversion, v: &ConversionView| {
+            r.conversion_id == v.conversion_id
+                && r.click_id == v.click_id
+                && r.impression_id == v.impression_id
+                && r.event_time == v.event_time
+                && r.revenue_micros == v.revenue_micros
+        };
+        view_agrees(&codec, &buf, same_conv);
+        let at = buf
+            .windows(6)
+            .position(|w| w == b"signup")
+            .expect("conversion_type bytes");
+        buf[at] = 0xff;
+        assert!(codec.decode_view::<ConversionView>(&buf).is_err());
+        view_agrees(&codec, &buf, same_conv);
+        // A view checks the writer's schema name as the record does.
+        let err = codec.decode_view::<ImpressionView>(&buf).unwrap_err();
+        assert!(matches!(err, CodecError::WrongSchema { .. }), "{err}");
     }
 
     #[test]

@@ -83,6 +83,113 @@ pub struct Conversion {
 }
 avro_record!(Conversion, "adstream.events.Conversion", "conversion.avsc");
 
+/// A borrowed view of an input record, for the processor's hot path: its
+/// strings point into the payload, so decoding allocates nothing.
+///
+/// A view accepts exactly the payloads its record accepts: every string of
+/// the record, used or not, is still read and checked as UTF-8, and fields
+/// the view leaves out get the same defaults. Only fields a newer writer
+/// adds are skipped unread, as the record skips them.
+pub trait AvroView<'a>: Deserialize<'a> {
+    /// The record this views; its schema name must match the writer's.
+    type Record: AvroRecord;
+}
+
+/// A string read and checked, then dropped (a field the engine does not use).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedStr;
+
+impl<'de> Deserialize<'de> for CheckedStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = CheckedStr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<CheckedStr, E> {
+                Ok(CheckedStr)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A `map<string>` read and checked, then dropped (impression `metadata`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedMap;
+
+impl<'de> Deserialize<'de> for CheckedMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CheckedMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<CheckedMap, A::Error> {
+                while m.next_entry::<CheckedStr, CheckedStr>()?.is_some() {}
+                Ok(CheckedMap)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// [`Impression`], borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ImpressionView<'a> {
+    pub impression_id: &'a str,
+    pub event_time: i64,
+    pub campaign_id: &'a str,
+    pub ad_id: &'a str,
+    pub search_keyword: &'a str,
+    pub user_id: CheckedStr,
+    pub user_ip: &'a str,
+    pub state: &'a str,
+    pub device_type: &'a str,
+    pub cost_micros: i64,
+    #[serde(default)]
+    pub metadata: CheckedMap,
+}
+
+impl<'a> AvroView<'a> for ImpressionView<'a> {
+    type Record = Impression;
+}
+
+/// [`Click`], borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ClickView<'a> {
+    pub click_id: &'a str,
+    pub impression_id: &'a str,
+    pub event_time: i64,
+    pub user_ip: &'a str,
+    pub cost_micros: i64,
+}
+
+impl<'a> AvroView<'a> for ClickView<'a> {
+    type Record = Click;
+}
+
+/// [`Conversion`], borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ConversionView<'a> {
+    pub conversion_id: &'a str,
+    pub click_id: &'a str,
+    pub impression_id: &'a str,
+    pub event_time: i64,
+    #[serde(default)]
+    pub conversion_type: CheckedStr,
+    pub revenue_micros: i64,
+}
+
+impl<'a> AvroView<'a> for ConversionView<'a> {
+    type Record = Conversion;
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdMetric {
     pub window_start: i64,

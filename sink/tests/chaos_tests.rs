@@ -426,9 +426,20 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             eprintln!("scale out: 1 -> 3 instances");
             cluster.spawn(1);
             cluster.spawn(2);
-            std::thread::sleep(Duration::from_secs(8));
-            // The zombie: paused past its session timeout while the group moves on.
+            // The zombie must be a member with partitions and an open
+            // transaction when it is paused: wait for its first commit.
             let z = cluster.live.get(&2).expect("instance 2");
+            let t_spawn = Instant::now();
+            while recovery_ms(&z.log).is_none() {
+                assert!(
+                    t_spawn.elapsed() < Duration::from_secs(120),
+                    "instance 2 committed nothing within 120 s of its start: {}",
+                    std::fs::read_to_string(&z.log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            // The zombie: paused past its session timeout while the group moves on.
             eprintln!("zombie: SIGSTOP instance 2 for 12 s");
             signal(&z.child, "-STOP");
             std::thread::sleep(Duration::from_secs(12));

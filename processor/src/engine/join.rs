@@ -294,11 +294,12 @@ impl ClickJoin {
         }
     }
 
-    /// A kept click arrives.
+    /// A kept click arrives. `raw` is called only if the click has to wait
+    /// (its bytes are kept for the unmatched side output).
     pub fn on_click(
         &mut self,
         click: ClickEvent,
-        raw: RawRecord,
+        raw: impl FnOnce() -> RawRecord,
         interner: &mut Interner,
         out: &mut Vec<Counted>,
     ) {
@@ -324,7 +325,7 @@ impl ClickJoin {
                 click_id,
                 impression_id,
                 cost_micros,
-                raw,
+                raw: raw(),
             },
         );
         self.pending_clicks_by_impression
@@ -333,14 +334,14 @@ impl ClickJoin {
             .push(k);
     }
 
-    /// A kept conversion arrives.
+    /// A kept conversion arrives. `raw` is called only if it has to wait.
     pub fn on_conversion(
         &mut self,
         conversion_id: IdKey,
         click_id: IdKey,
         t: i64,
         revenue_micros: i64,
-        raw: RawRecord,
+        raw: impl FnOnce() -> RawRecord,
         out: &mut Vec<Counted>,
     ) {
         let b = self.bucket(t);
@@ -362,7 +363,7 @@ impl ClickJoin {
             PendingConversion {
                 click_id,
                 revenue_micros,
-                raw,
+                raw: raw(),
             },
         );
         self.pending_conversions_by_click

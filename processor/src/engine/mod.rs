@@ -27,9 +27,8 @@ pub mod validate;
 pub mod watermark;
 pub mod windows;
 
-use adstream_schemas::{
-    AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, CodecError, Conversion, Impression,
-};
+use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
+use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 use serde::{Deserialize, Serialize};
 
 use anomaly::{AnomalyConfig, AnomalyDetector};
@@ -155,10 +154,11 @@ impl EngineStats {
     }
 }
 
-enum Decoded {
-    Impression(Impression),
-    Click(Click),
-    Conversion(Conversion),
+/// A decoded input record, borrowing its strings from the payload.
+enum Decoded<'a> {
+    Impression(ImpressionView<'a>),
+    Click(ClickView<'a>),
+    Conversion(ConversionView<'a>),
 }
 
 /// What the engine does with a window its watermark closes.
@@ -192,6 +192,8 @@ pub struct Engine {
     outputs: Vec<Output>,
     counted: Vec<Counted>,
     unmatched: Vec<RawRecord>,
+    /// Scratch for an impression's IP range (formatted once per impression).
+    ip_range: String,
 }
 
 /// A checkpoint that cannot be read back.
@@ -262,6 +264,7 @@ impl Engine {
             outputs: Vec::new(),
             counted: Vec::new(),
             unmatched: Vec::new(),
+            ip_range: String::with_capacity(48),
             codec,
             cfg,
         }
@@ -352,11 +355,11 @@ impl Engine {
         });
     }
 
-    fn decode(&self, topic: u8, value: &[u8]) -> Result<Decoded, CodecError> {
+    fn decode<'a>(&self, topic: u8, value: &'a [u8]) -> Result<Decoded<'a>, CodecError> {
         Ok(match topic {
-            IMPRESSIONS => Decoded::Impression(self.codec.decode_cached(value)?),
-            CLICKS => Decoded::Click(self.codec.decode_cached(value)?),
-            _ => Decoded::Conversion(self.codec.decode_cached(value)?),
+            IMPRESSIONS => Decoded::Impression(self.codec.decode_view(value)?),
+            CLICKS => Decoded::Click(self.codec.decode_view(value)?),
+            _ => Decoded::Conversion(self.codec.decode_view(value)?),
         })
     }
 
@@ -438,19 +441,22 @@ impl Engine {
         let s = &mut self.state.stats.by_topic[topic as usize];
         match decoded {
             Decoded::Impression(r) => {
-                let id = id_key(&r.impression_id);
+                let id = id_key(r.impression_id);
                 if self.state.join.is_duplicate_impression(id) {
                     s.duplicate += 1;
                 } else {
                     s.counted += 1;
-                    let ip_range = ip.map(validate::ip_range).unwrap_or_default();
+                    match ip {
+                        Some(ip) => validate::ip_range_into(ip, &mut self.ip_range),
+                        None => self.ip_range.clear(),
+                    }
                     let grain = self.state.interner.grain(
-                        &r.campaign_id,
-                        &r.ad_id,
-                        &r.search_keyword,
-                        &r.state,
-                        &ip_range,
-                        &r.device_type,
+                        r.campaign_id,
+                        r.ad_id,
+                        r.search_keyword,
+                        r.state,
+                        &self.ip_range,
+                        r.device_type,
                     );
                     let st = &mut self.state;
                     if st
@@ -471,34 +477,34 @@ impl Engine {
                 }
             }
             Decoded::Click(r) => {
-                let id = id_key(&r.click_id);
+                let id = id_key(r.click_id);
                 if self.state.join.is_duplicate_click(id) {
                     s.duplicate += 1;
                 } else {
                     self.state.join.on_click(
                         ClickEvent {
                             click_id: id,
-                            impression_id: id_key(&r.impression_id),
+                            impression_id: id_key(r.impression_id),
                             t: r.event_time,
                             cost_micros: r.cost_micros,
                         },
-                        raw(),
+                        raw,
                         &mut self.state.interner,
                         &mut self.counted,
                     );
                 }
             }
             Decoded::Conversion(r) => {
-                let id = id_key(&r.conversion_id);
+                let id = id_key(r.conversion_id);
                 if self.state.join.is_duplicate_conversion(id) {
                     s.duplicate += 1;
                 } else {
                     self.state.join.on_conversion(
                         id,
-                        id_key(&r.click_id),
+                        id_key(r.click_id),
                         r.event_time,
                         r.revenue_micros,
-                        raw(),
+                        raw,
                         &mut self.counted,
                     );
                 }

@@ -1,7 +1,7 @@
 //! Rule-by-rule tests of the engine against CONTRACT.md, boundaries included.
 
 use super::*;
-use adstream_schemas::AvroRecord;
+use adstream_schemas::{AvroRecord, Click, Conversion, Impression};
 use std::collections::BTreeMap;
 
 const MIN: i64 = 60_000;

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use adstream_schemas::{Click, Conversion, Impression};
+use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
 
 pub const DEVICE_TYPES: [&str; 5] = ["desktop", "mobile", "tablet", "ctv", "other"];
 
@@ -77,50 +77,75 @@ fn key_matches(key: Option<&[u8]>, impression_id: &str) -> Result<(), Invalid> {
     }
 }
 
-pub fn impression(r: &Impression, key: Option<&[u8]>) -> Result<IpAddr, Invalid> {
-    non_empty("impression_id", &r.impression_id)?;
-    non_empty("campaign_id", &r.campaign_id)?;
-    non_empty("ad_id", &r.ad_id)?;
+pub fn impression(r: &ImpressionView, key: Option<&[u8]>) -> Result<IpAddr, Invalid> {
+    non_empty("impression_id", r.impression_id)?;
+    non_empty("campaign_id", r.campaign_id)?;
+    non_empty("ad_id", r.ad_id)?;
     non_negative("cost_micros", r.cost_micros)?;
     time(r.event_time)?;
-    if !DEVICE_TYPES.contains(&r.device_type.as_str()) {
-        return Err(Invalid::BadDevice(r.device_type.clone()));
+    if !DEVICE_TYPES.contains(&r.device_type) {
+        return Err(Invalid::BadDevice(r.device_type.to_owned()));
     }
-    let ip = parse_ip(&r.user_ip)?;
-    key_matches(key, &r.impression_id)?;
+    let ip = parse_ip(r.user_ip)?;
+    key_matches(key, r.impression_id)?;
     Ok(ip)
 }
 
-pub fn click(r: &Click, key: Option<&[u8]>) -> Result<(), Invalid> {
-    non_empty("click_id", &r.click_id)?;
-    non_empty("impression_id", &r.impression_id)?;
+pub fn click(r: &ClickView, key: Option<&[u8]>) -> Result<(), Invalid> {
+    non_empty("click_id", r.click_id)?;
+    non_empty("impression_id", r.impression_id)?;
     non_negative("cost_micros", r.cost_micros)?;
     time(r.event_time)?;
-    parse_ip(&r.user_ip)?;
-    key_matches(key, &r.impression_id)
+    parse_ip(r.user_ip)?;
+    key_matches(key, r.impression_id)
 }
 
-pub fn conversion(r: &Conversion, key: Option<&[u8]>) -> Result<(), Invalid> {
-    non_empty("conversion_id", &r.conversion_id)?;
-    non_empty("click_id", &r.click_id)?;
-    non_empty("impression_id", &r.impression_id)?;
+pub fn conversion(r: &ConversionView, key: Option<&[u8]>) -> Result<(), Invalid> {
+    non_empty("conversion_id", r.conversion_id)?;
+    non_empty("click_id", r.click_id)?;
+    non_empty("impression_id", r.impression_id)?;
     non_negative("revenue_micros", r.revenue_micros)?;
     time(r.event_time)?;
-    key_matches(key, &r.impression_id)
+    key_matches(key, r.impression_id)
 }
 
 /// `ip` masked to /24 (IPv4) or /48 (IPv6), as network address text with prefix.
 pub fn ip_range(ip: IpAddr) -> String {
+    let mut out = String::new();
+    ip_range_into(ip, &mut out);
+    out
+}
+
+/// [`ip_range`] written into `out` (cleared first), so the hot path can
+/// reuse one buffer.
+pub fn ip_range_into(ip: IpAddr, out: &mut String) {
+    use std::fmt::Write as _;
+    out.clear();
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
-            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+            for b in &o[..3] {
+                push_decimal(out, *b);
+                out.push('.');
+            }
+            out.push_str("0/24");
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 80) - 1);
-            format!("{}/48", std::net::Ipv6Addr::from(bits))
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{}/48", std::net::Ipv6Addr::from(bits));
         }
     }
+}
+
+fn push_decimal(out: &mut String, b: u8) {
+    if b >= 100 {
+        out.push(char::from(b'0' + b / 100));
+    }
+    if b >= 10 {
+        out.push(char::from(b'0' + b / 10 % 10));
+    }
+    out.push(char::from(b'0' + b % 10));
 }
 
 #[cfg(test)]
@@ -139,6 +164,11 @@ mod tests {
             "2001:db8::/48"
         );
         assert_eq!(ip_range("::1".parse().expect("ip")), "::/48");
+        assert_eq!(ip_range("0.9.10.255".parse().expect("ip")), "0.9.10.0/24");
+        assert_eq!(
+            ip_range("100.199.255.1".parse().expect("ip")),
+            "100.199.255.0/24"
+        );
         assert_eq!(ip_range("2001:0:0:1::".parse().expect("ip")), "2001::/48");
     }
 
