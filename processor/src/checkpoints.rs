@@ -133,16 +133,28 @@ impl CheckpointStore {
         Ok(Some((pos, bytes)))
     }
 
-    /// Deletes all but the `keep` newest checkpoints of `task`. More than one
-    /// is kept because a broker that does not fence stale members (tansu)
-    /// can let the committed offsets move back below the newest checkpoint;
-    /// an older one then still saves a replay from the start.
-    pub async fn prune(&self, task: &str, keep: usize) -> Result<usize, CheckpointStoreError> {
+    /// Deletes all but the `keep` newest checkpoints of `task`, except the
+    /// newest one at or below `committed` (the group's committed offsets as
+    /// the broker reports them), which a restart would load.
+    ///
+    /// More than one is kept because a broker that does not fence stale
+    /// members (tansu) can let the committed offsets move back below the
+    /// newest checkpoint; `committed` covers the case where they stop
+    /// moving at all, however many checkpoints are written meanwhile.
+    pub async fn prune(
+        &self,
+        task: &str,
+        keep: usize,
+        committed: &[i64],
+    ) -> Result<usize, CheckpointStoreError> {
         let mut all = self.list(task).await?;
         all.sort_by_key(|(p, _)| std::cmp::Reverse(p.iter().sum::<i64>()));
+        let restart_point = all.iter().position(|(p, _)| {
+            p.len() == committed.len() && p.iter().zip(committed).all(|(a, c)| a <= c)
+        });
         let mut n = 0;
-        for (_, path) in all.into_iter().skip(keep) {
-            {
+        for (i, (_, path)) in all.into_iter().enumerate().skip(keep) {
+            if Some(i) != restart_point {
                 self.store
                     .delete(&path)
                     .await
@@ -202,7 +214,21 @@ mod tests {
             .await
             .expect("latest")
             .is_none());
-        assert_eq!(store.prune("join-0", 2).await.expect("prune"), 1);
+        // The committed offsets lag every checkpoint but the oldest: it
+        // stays, as the one a restart would load.
+        assert_eq!(
+            store.prune("join-0", 2, &[4, 4, 4]).await.expect("prune"),
+            0
+        );
+        assert!(store
+            .latest("join-0", &[4, 4, 4])
+            .await
+            .expect("latest")
+            .is_some());
+        assert_eq!(
+            store.prune("join-0", 2, &[9, 9, 99]).await.expect("prune"),
+            1
+        );
         assert!(store
             .latest("join-0", &[4, 4, 4])
             .await
@@ -213,5 +239,20 @@ mod tests {
             .await
             .expect("latest")
             .is_some());
+        store
+            .put("join-0", &[8, 3, 30], b"d".to_vec())
+            .await
+            .expect("put");
+        // Keep 1 at committed [6, 2, 12]: the newest plus [5, 2, 9].
+        assert_eq!(
+            store.prune("join-0", 1, &[6, 2, 12]).await.expect("prune"),
+            1
+        );
+        let (pos, _) = store
+            .latest("join-0", &[7, 2, 29])
+            .await
+            .expect("latest")
+            .expect("kept");
+        assert_eq!(pos, vec![5, 2, 9], "[7, 2, 20] was deleted, [5, 2, 9] kept");
     }
 }
