@@ -231,14 +231,10 @@ impl Codec {
         out.clear();
         out.push(MAGIC_BYTE);
         out.extend_from_slice(&id.to_be_bytes());
-        let mut config = serde_avro_fast::ser::SerializerConfig::new(T::schema());
-        let buf = std::mem::take(out);
-        *out =
-            serde_avro_fast::to_datum(value, buf, &mut config).map_err(|e| CodecError::Encode {
-                record: T::FULL_NAME,
-                reason: e.to_string(),
-            })?;
-        Ok(())
+        value.write_body(out).map_err(|reason| CodecError::Encode {
+            record: T::FULL_NAME,
+            reason,
+        })
     }
 
     /// Encodes `value` for `topic`, which must have been [`register`](Codec::register)ed.

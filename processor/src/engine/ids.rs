@@ -277,6 +277,68 @@ impl Interner {
         &self.values[id as usize]
     }
 
+    /// Sorts cells into [`cmp_grains`](Self::cmp_grains) order, the order
+    /// of a closed window's rows.
+    ///
+    /// Comparing grains string by string was a tenth of the engine's time
+    /// (a window holds about one grain per impression, nearly all differing
+    /// only from the IP range on). Instead each dimension but the IP range
+    /// is ranked once over its few distinct values, so most comparisons are
+    /// one integer compare; the IP range strings are compared only between
+    /// grains equal in the first four dimensions. Interned strings are
+    /// unique, so equal ids mean equal values and the order is exactly
+    /// `cmp_grains`'s.
+    pub fn sort_cells<T: Copy>(&self, cells: &mut [(GrainId, T)]) {
+        if cells.len() < 64 {
+            cells.sort_unstable_by(|a, b| self.cmp_grains(a.0, b.0));
+            return;
+        }
+        let parts: Vec<[u32; 6]> = cells.iter().map(|(g, _)| *self.parts(*g)).collect();
+        let rank = |d: usize| -> Vec<u32> {
+            let mut ids: Vec<u32> = parts.iter().map(|p| p[d]).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let mut by_value: Vec<u32> = (0..ids.len() as u32).collect();
+            by_value.sort_unstable_by(|a, b| {
+                self.values[ids[*a as usize] as usize].cmp(&self.values[ids[*b as usize] as usize])
+            });
+            let mut rank_of = vec![0u32; ids.len()];
+            for (r, i) in by_value.iter().enumerate() {
+                rank_of[*i as usize] = r as u32;
+            }
+            parts
+                .iter()
+                .map(|p| match ids.binary_search(&p[d]) {
+                    Ok(i) => rank_of[i],
+                    Err(_) => unreachable!("every id was collected"),
+                })
+                .collect()
+        };
+        let ranks: [Vec<u32>; 5] = [rank(0), rank(1), rank(2), rank(3), rank(5)];
+        let mut order: Vec<(u128, u32, u32, u32)> = (0..cells.len())
+            .map(|i| {
+                let key = (u128::from(ranks[0][i]) << 96)
+                    | (u128::from(ranks[1][i]) << 64)
+                    | (u128::from(ranks[2][i]) << 32)
+                    | u128::from(ranks[3][i]);
+                (key, parts[i][4], ranks[4][i], i as u32)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| {
+                    if a.1 == b.1 {
+                        std::cmp::Ordering::Equal
+                    } else {
+                        self.values[a.1 as usize].cmp(&self.values[b.1 as usize])
+                    }
+                })
+                .then(a.2.cmp(&b.2))
+        });
+        let sorted: Vec<(GrainId, T)> = order.iter().map(|o| cells[o.3 as usize]).collect();
+        cells.copy_from_slice(&sorted);
+    }
+
     /// The dimension values of a grain.
     pub fn resolve(&self, g: GrainId) -> Grain {
         let p = self.grain_parts[g as usize];
@@ -319,6 +381,39 @@ mod tests {
         assert_eq!(i.cmp_grains(a, b), std::cmp::Ordering::Equal);
         assert_eq!(i.cmp_grains(a, c), i.resolve(a).cmp(&i.resolve(c)));
         assert_eq!(i.cmp_grains(c, a), i.resolve(c).cmp(&i.resolve(a)));
+    }
+
+    #[test]
+    fn sorted_cells_are_in_grain_order() {
+        let mut i = Interner::default();
+        let mut seed = 7u64;
+        let mut pick = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for n in [0usize, 1, 5, 63, 64, 65, 3_000] {
+            let mut cells: Vec<(GrainId, usize)> = Vec::new();
+            for k in 0..n {
+                // Few values per dimension, so ties reach every dimension.
+                let g = i.grain(
+                    &format!("c{}", pick(3)),
+                    &format!("a{}", pick(4)),
+                    ["k", "k2", "", "ü"][pick(4) as usize],
+                    &format!("s{}", pick(2)),
+                    &format!("10.{}.0.0/24", pick(9)),
+                    ["mobile", "ctv", "desktop"][pick(3) as usize],
+                );
+                if cells.iter().all(|(c, _)| *c != g) {
+                    cells.push((g, k));
+                }
+            }
+            let mut want = cells.clone();
+            want.sort_by(|a, b| i.resolve(a.0).cmp(&i.resolve(b.0)));
+            i.sort_cells(&mut cells);
+            assert_eq!(cells, want, "{n} cells");
+        }
     }
 
     #[test]

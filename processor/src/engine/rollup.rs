@@ -109,7 +109,7 @@ pub(crate) fn emit_window(
     // Rows in grain order (by dimension values), so a window's output order
     // does not depend on the order records were interned in.
     let mut cells = w.cells;
-    cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
+    interner.sort_cells(&mut cells);
     // Campaign is the first grain dimension: its cells are adjacent.
     let mut campaigns: Vec<(u32, Measures)> = Vec::new();
     for (g, m) in &cells {
@@ -187,7 +187,7 @@ const CHUNK_BYTES: usize = 256 << 10;
 /// Gives back the references the window's cells held.
 pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
     let mut cells = w.cells;
-    cells.sort_unstable_by(|a, b| interner.cmp_grains(a.0, b.0));
+    interner.sort_cells(&mut cells);
     let mut current: Option<(Partial, usize)> = None;
     for (g, m) in cells {
         let p = interner.parts(g);

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
 
+/// The device types CONTRACT.md allows (`impression` checks these).
 pub const DEVICE_TYPES: [&str; 5] = ["desktop", "mobile", "tablet", "ctv", "other"];
 
 /// Why a decodable record is invalid.
@@ -83,7 +84,11 @@ pub fn impression(r: &ImpressionView, key: Option<&[u8]>) -> Result<IpAddr, Inva
     non_empty("ad_id", r.ad_id)?;
     non_negative("cost_micros", r.cost_micros)?;
     time(r.event_time)?;
-    if !DEVICE_TYPES.contains(&r.device_type) {
+    // A match compiles to a length switch and one compare, not five.
+    if !matches!(
+        r.device_type,
+        "desktop" | "mobile" | "tablet" | "ctv" | "other"
+    ) {
         return Err(Invalid::BadDevice(r.device_type.to_owned()));
     }
     let ip = parse_ip(r.user_ip)?;
@@ -170,6 +175,32 @@ mod tests {
             "100.199.255.0/24"
         );
         assert_eq!(ip_range("2001:0:0:1::".parse().expect("ip")), "2001::/48");
+    }
+
+    #[test]
+    fn device_check_is_the_listed_types() {
+        let r = |device_type| ImpressionView {
+            impression_id: "i",
+            event_time: 1,
+            campaign_id: "c",
+            ad_id: "a",
+            search_keyword: "k",
+            user_id: Default::default(),
+            user_ip: "10.0.0.1",
+            state: "s",
+            device_type,
+            cost_micros: 0,
+            metadata: Default::default(),
+        };
+        for d in DEVICE_TYPES {
+            assert!(impression(&r(d), Some(b"i")).is_ok(), "{d}");
+        }
+        for d in ["", "Mobile", "tv", "desktop ", "others"] {
+            assert!(
+                matches!(impression(&r(d), Some(b"i")), Err(Invalid::BadDevice(_))),
+                "{d}"
+            );
+        }
     }
 
     #[test]
