@@ -426,7 +426,7 @@ mod tests {
         for i in 0..2_000 {
             let n = |rng: &mut Rng| {
                 let r = rng.next();
-                if r % 3 == 0 {
+                if r.is_multiple_of(3) {
                     edges[(r / 3 % edges.len() as u64) as usize]
                 } else {
                     (r as i64) >> (r % 64)
