@@ -410,7 +410,7 @@ mod tests {
                 }
             }
             let mut want = cells.clone();
-            want.sort_by(|a, b| i.resolve(a.0).cmp(&i.resolve(b.0)));
+            want.sort_by_key(|a| i.resolve(a.0));
             i.sort_cells(&mut cells);
             assert_eq!(cells, want, "{n} cells");
         }
