@@ -827,8 +827,8 @@ impl Shell<'_> {
                 tracing::info!(task = %task.name(), position = task.next, "rollup task caught up with its committed offset");
             }
         }
-        match value.map(PartialMessage::decode) {
-            Some(Ok(m)) => task.rollup.on_message(m),
+        match value.map(|v| task.rollup.on_record(v)) {
+            Some(Ok(())) => {}
             other => tracing::error!(partition, offset, error = ?other.and_then(Result::err),
                 "undecodable record on the internal partials topic skipped"),
         }

@@ -94,6 +94,55 @@ impl PartialMessage {
     }
 }
 
+/// A [`PartialMessage`] decoded in place: the same encoding, its strings
+/// pointing into the record, so a rollup interns the dimension values
+/// without allocating six strings per cell first.
+#[derive(Debug, Deserialize)]
+pub enum PartialMessageRef<'a> {
+    Cells {
+        task: u32,
+        #[serde(borrow)]
+        partial: PartialRef<'a>,
+    },
+    Mark {
+        task: u32,
+        mark: Mark,
+    },
+}
+
+impl<'a> PartialMessageRef<'a> {
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, bincode::Error> {
+        bincode::deserialize(bytes)
+    }
+}
+
+/// A [`Partial`], borrowed.
+#[derive(Debug, PartialEq, Deserialize)]
+pub struct PartialRef<'a> {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub campaign_id: &'a str,
+    pub chunk: u32,
+    #[serde(borrow)]
+    pub cells: Vec<([&'a str; 6], Measures)>,
+}
+
+impl Partial {
+    fn as_ref(&self) -> PartialRef<'_> {
+        PartialRef {
+            window_start: self.window_start,
+            window_end: self.window_end,
+            campaign_id: &self.campaign_id,
+            chunk: self.chunk,
+            cells: self
+                .cells
+                .iter()
+                .map(|(v, m)| (std::array::from_fn(|i| v[i].as_str()), *m))
+                .collect(),
+        }
+    }
+}
+
 /// Emits one closed window: its ad-metrics rows in grain order, then per
 /// campaign its campaign-ctr row followed by the alerts it opens.
 ///
@@ -280,13 +329,26 @@ impl Rollup {
         }
     }
 
+    /// Takes one record of the partials topic as it was read.
+    pub fn on_record(&mut self, bytes: &[u8]) -> Result<(), bincode::Error> {
+        match PartialMessageRef::decode(bytes)? {
+            PartialMessageRef::Cells { task, partial } => self.on_partial_ref(task, &partial),
+            PartialMessageRef::Mark { task, mark } => self.on_mark(task, mark),
+        }
+        Ok(())
+    }
+
     /// Adds a task's partial cells.
     pub fn on_partial(&mut self, task: u32, p: Partial) {
+        self.on_partial_ref(task, &p.as_ref());
+    }
+
+    fn on_partial_ref(&mut self, task: u32, p: &PartialRef) {
         let Some(last) = self.last_partial.get_mut(task as usize) else {
             tracing::warn!(task, "partial from an unknown task ignored");
             return;
         };
-        let this = (p.window_start, p.campaign_id, p.chunk);
+        let this = (p.window_start, p.campaign_id.to_owned(), p.chunk);
         if last.as_ref().is_some_and(|l| *l >= this) {
             self.rollup_stats.replayed_partials += 1;
             return;
@@ -299,9 +361,7 @@ impl Rollup {
             return;
         }
         for (v, m) in &p.cells {
-            let g = self
-                .interner
-                .grain(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5]);
+            let g = self.interner.grain(v[0], v[1], v[2], v[3], v[4], v[5]);
             // A new cell keeps the reference `grain` gave; an existing one has its own.
             if !self.windows.add(this.0, g, m) {
                 self.interner.release(g);
@@ -469,18 +529,33 @@ mod tests {
         let ps = partials(out);
         let cfg = EngineConfig::default();
         let mut r = Rollup::new(&cfg, 1);
+        // As the runtime feeds them: encoded records, decoded in place.
         for p in &ps {
-            r.on_partial(0, p.clone());
+            let bytes = PartialMessage::Cells {
+                task: 0,
+                partial: p.clone(),
+            }
+            .encode();
+            match PartialMessageRef::decode(&bytes).expect("decodes") {
+                PartialMessageRef::Cells { task, partial } => {
+                    assert_eq!(task, 0);
+                    assert_eq!(partial, p.as_ref());
+                }
+                other => panic!("{other:?}"),
+            }
+            r.on_record(&bytes).expect("a partial");
         }
         // A replayed chunk (aborted copy) is dropped.
         r.on_partial(0, ps[1].clone());
         assert_eq!(r.rollup_stats().replayed_partials, 1);
+        assert!(r.on_record(&[1, 2, 3]).is_err());
         let mark = Mark {
             watermark: 60_000,
             idle: false,
             at_ms: 0,
         };
-        r.on_mark(0, mark);
+        r.on_record(&PartialMessage::Mark { task: 0, mark }.encode())
+            .expect("a mark");
         let rows: Vec<AdMetric> = r
             .take_outputs()
             .into_iter()
