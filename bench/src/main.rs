@@ -459,7 +459,8 @@ fn bench_e2e(args: &Args, p: &str, events: u64) -> anyhow::Result<E2eFigures> {
         .set("group.id", format!("{p}ceiling"))
         .set("enable.auto.commit", "false")
         // The processor's fetch settings, so the two read alike.
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in &args.kafka.rdkafka {
         cc.set(k, v);
     }
