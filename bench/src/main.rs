@@ -42,13 +42,11 @@ use adstream_processor::engine::watermark::InputPartition;
 use adstream_processor::engine::{Engine, EngineConfig, Output, SourceRef};
 use adstream_processor::metrics::Metrics;
 use adstream_processor::runtime::{self, ProcessorOptions, Status};
-use adstream_producer::encode::{encode_payload, SchemaIds};
+use adstream_producer::encode::{encode_payload, encoded_records, SchemaIds};
 use adstream_producer::generator::{Generator, GeneratorConfig, InputTopic};
 use adstream_producer::partitioner::partition_for;
 use adstream_producer::{RunOptions, Target};
-use adstream_schemas::{
-    AdMetric, AnomalyAlert, AvroRecord as _, CampaignCtr, Click, Codec, Conversion, Impression,
-};
+use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, Conversion, Impression};
 
 /// Measure adstream against the hardware and against a plain consumer.
 #[derive(Parser, Debug)]
@@ -138,38 +136,6 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Generated records as the producer would send them: (topic, partition, key, value).
-fn generate(
-    cfg: GeneratorConfig,
-    events: u64,
-    partitions: i32,
-) -> Vec<(u8, i32, Vec<u8>, Vec<u8>)> {
-    let ids = SchemaIds {
-        impression: 1,
-        click: 2,
-        conversion: 3,
-    };
-    let mut out = Vec::with_capacity(events as usize + events as usize / 8);
-    let mut buf = Vec::new();
-    for r in Generator::new(cfg, Some(events)) {
-        if encode_payload(&r.payload, &ids, &mut buf).is_err() {
-            continue;
-        }
-        let key = r.key.into_bytes();
-        let p = partition_for(&key, partitions);
-        out.push((r.topic.index() as u8, p, key, buf.clone()));
-    }
-    out
-}
-
-fn offline_codec() -> anyhow::Result<Codec> {
-    let codec = Codec::offline();
-    codec.insert_schema(1, adstream_schemas::Impression::SCHEMA_JSON)?;
-    codec.insert_schema(2, adstream_schemas::Click::SCHEMA_JSON)?;
-    codec.insert_schema(3, adstream_schemas::Conversion::SCHEMA_JSON)?;
-    Ok(codec)
-}
-
 fn new_engine(codec: Codec, partitions: i32) -> Engine {
     let mut engine = Engine::new(EngineConfig::default(), codec);
     for topic in 0..3u8 {
@@ -222,7 +188,7 @@ struct EngineFigure {
 /// second half is. The cold figure, from an empty engine, is kept too: its
 /// extra cost is the first touch of the memory the state grows into.
 fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
-    let records = generate(
+    let records = encoded_records(
         GeneratorConfig {
             seed: 11,
             event_rate: 500.0,
@@ -230,27 +196,28 @@ fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
         },
         events,
         partitions,
+        &SchemaIds::OFFLINE,
     );
-    let mut engine = new_engine(offline_codec()?, partitions);
+    let mut engine = new_engine(SchemaIds::OFFLINE.offline_codec()?, partitions);
     let mut buf = Vec::with_capacity(512);
     let mut outputs = 0;
     let mut offsets = [[0i64; 256]; 3];
     let half = records.len() / 2;
     let cpu0 = thread_cpu();
     let mut cpu_half = cpu0;
-    for (i, (topic, partition, key, value)) in records.iter().enumerate() {
+    for (i, r) in records.iter().enumerate() {
         if i == half {
             cpu_half = thread_cpu();
         }
-        let offset = &mut offsets[*topic as usize][*partition as usize % 256];
+        let offset = &mut offsets[r.topic as usize][r.partition as usize % 256];
         engine.on_record(
             SourceRef {
-                topic: *topic,
-                partition: *partition,
+                topic: r.topic,
+                partition: r.partition,
                 offset: *offset,
             },
-            Some(key),
-            Some(value),
+            Some(&r.key),
+            Some(&r.value),
             None,
         );
         *offset += 1;
@@ -279,12 +246,8 @@ struct StateFigure {
 /// Resident bytes per buffered impression, `impressions` of them inside one
 /// click window; and the cost of checkpointing and restoring that state.
 fn bench_state(impressions: u64, partitions: i32) -> anyhow::Result<StateFigure> {
-    let mut engine = new_engine(offline_codec()?, partitions);
-    let ids = SchemaIds {
-        impression: 1,
-        click: 2,
-        conversion: 3,
-    };
+    let mut engine = new_engine(SchemaIds::OFFLINE.offline_codec()?, partitions);
+    let ids = SchemaIds::OFFLINE;
     // 10 M impressions within 20 minutes of event time: none can expire.
     let cfg = GeneratorConfig {
         seed: 13,
@@ -328,8 +291,12 @@ fn bench_state(impressions: u64, partitions: i32) -> anyhow::Result<StateFigure>
     let checkpoint_s = t.elapsed().as_secs_f64();
     drop(engine);
     let t = Instant::now();
-    let restored = Engine::restore(EngineConfig::default(), offline_codec()?, &checkpoint)
-        .context("restoring the state checkpoint")?;
+    let restored = Engine::restore(
+        EngineConfig::default(),
+        SchemaIds::OFFLINE.offline_codec()?,
+        &checkpoint,
+    )
+    .context("restoring the state checkpoint")?;
     let restore_s = t.elapsed().as_secs_f64();
     anyhow::ensure!(
         restored.join_sizes().impressions as u64 == buffered,

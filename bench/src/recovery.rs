@@ -177,7 +177,7 @@ fn checkpoints_at_end(
 
 /// Buffered impressions in the newest checkpoint of every join task.
 fn buffered_in_checkpoints(dir: &Path) -> anyhow::Result<u64> {
-    let codec = crate::offline_codec()?;
+    let codec = adstream_producer::encode::SchemaIds::OFFLINE.offline_codec()?;
     let mut total = 0;
     for task in std::fs::read_dir(dir)?.flatten() {
         if !task.file_name().to_string_lossy().starts_with("join-") {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use adstream_processor::engine::rollup::{Mark, PartialMessage, Rollup};
 use adstream_processor::engine::watermark::InputPartition;
 use adstream_processor::engine::{Engine, EngineConfig, Output, SideKind, SourceRef};
-use adstream_schemas::{AvroRecord, Click, Codec, Conversion, Impression};
+use adstream_schemas::{Click, Codec, Conversion, Impression};
 use proptest::prelude::*;
 
 const OOO: i64 = 2_000;
@@ -184,12 +184,11 @@ fn generate(seed: u64) -> Streams {
     streams
 }
 
+/// The input schemas under ids 1, 2, 3, as the records below are framed.
 fn codec() -> Codec {
-    let c = Codec::offline();
-    c.insert_schema(1, Impression::SCHEMA_JSON).expect("schema");
-    c.insert_schema(2, Click::SCHEMA_JSON).expect("schema");
-    c.insert_schema(3, Conversion::SCHEMA_JSON).expect("schema");
-    c
+    adstream_producer::encode::SchemaIds::OFFLINE
+        .offline_codec()
+        .expect("schemas")
 }
 
 fn encode(r: &Rec) -> Vec<u8> {

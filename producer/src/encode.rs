@@ -1,8 +1,9 @@
 //! Turns generated payloads into the bytes sent to Kafka, broken ones included.
 
-use adstream_schemas::{Codec, CodecError};
+use adstream_schemas::{AvroRecord, Click, Codec, CodecError, Conversion, Impression};
 
-use crate::generator::{Broken, Payload};
+use crate::generator::{Broken, Generator, GeneratorConfig, Payload};
+use crate::partitioner::partition_for;
 
 /// Schema ids of the three input records, as registered (or fixed in a dry run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,6 +11,61 @@ pub struct SchemaIds {
     pub impression: u32,
     pub click: u32,
     pub conversion: u32,
+}
+
+impl SchemaIds {
+    /// The ids used without a registry (dry runs, benchmarks, tests).
+    pub const OFFLINE: SchemaIds = SchemaIds {
+        impression: 1,
+        click: 2,
+        conversion: 3,
+    };
+
+    /// A codec without a registry that knows the input schemas under these ids.
+    pub fn offline_codec(&self) -> Result<Codec, CodecError> {
+        let codec = Codec::offline();
+        codec.insert_schema(self.impression, Impression::SCHEMA_JSON)?;
+        codec.insert_schema(self.click, Click::SCHEMA_JSON)?;
+        codec.insert_schema(self.conversion, Conversion::SCHEMA_JSON)?;
+        Ok(codec)
+    }
+}
+
+/// A generated record as the producer sends it.
+#[derive(Debug, Clone)]
+pub struct EncodedRecord {
+    /// Input topic, by [`InputTopic::index`](crate::generator::InputTopic::index).
+    pub topic: u8,
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// The first `events` records of `cfg`'s generator, encoded with `ids` and
+/// partitioned over `partitions` as the producer would send them (for
+/// benchmarks that replay producer output without a broker). A record whose
+/// encoding fails is left out.
+pub fn encoded_records(
+    cfg: GeneratorConfig,
+    events: u64,
+    partitions: i32,
+    ids: &SchemaIds,
+) -> Vec<EncodedRecord> {
+    let mut out = Vec::with_capacity(events as usize + events as usize / 8);
+    let mut buf = Vec::new();
+    for r in Generator::new(cfg, Some(events)) {
+        if encode_payload(&r.payload, ids, &mut buf).is_err() {
+            continue;
+        }
+        let key = r.key.into_bytes();
+        out.push(EncodedRecord {
+            topic: r.topic.index() as u8,
+            partition: partition_for(&key, partitions),
+            key,
+            value: buf.clone(),
+        });
+    }
+    out
 }
 
 /// A schema id no registry is expected to have issued, for unknown-id records.
@@ -57,21 +113,11 @@ pub fn encode_payload(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generator::{Generator, GeneratorConfig};
-    use adstream_schemas::{AvroRecord, Click, Conversion, Impression};
 
-    const IDS: SchemaIds = SchemaIds {
-        impression: 1,
-        click: 2,
-        conversion: 3,
-    };
+    const IDS: SchemaIds = SchemaIds::OFFLINE;
 
     fn codec() -> Codec {
-        let c = Codec::offline();
-        c.insert_schema(1, Impression::SCHEMA_JSON).expect("schema");
-        c.insert_schema(2, Click::SCHEMA_JSON).expect("schema");
-        c.insert_schema(3, Conversion::SCHEMA_JSON).expect("schema");
-        c
+        IDS.offline_codec().expect("schemas")
     }
 
     /// Valid payloads decode back equal; each broken kind fails with its own error.

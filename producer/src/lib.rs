@@ -93,15 +93,7 @@ pub fn run(opts: RunOptions, stop: &AtomicBool) -> anyhow::Result<Summary> {
     }
 
     let (mut sender, ids, partitions) = match &opts.target {
-        Target::DryRun { partitions } => (
-            None,
-            SchemaIds {
-                impression: 1,
-                click: 2,
-                conversion: 3,
-            },
-            *partitions,
-        ),
+        Target::DryRun { partitions } => (None, SchemaIds::OFFLINE, *partitions),
         Target::Kafka {
             bootstrap,
             registry_url,

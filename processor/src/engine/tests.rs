@@ -1,7 +1,7 @@
 //! Rule-by-rule tests of the engine against CONTRACT.md, boundaries included.
 
 use super::*;
-use adstream_schemas::{AvroRecord, Click, Conversion, Impression};
+use adstream_schemas::{Click, Conversion, Impression};
 use std::collections::BTreeMap;
 
 const MIN: i64 = 60_000;
@@ -12,12 +12,11 @@ struct Harness {
     outputs: Vec<Output>,
 }
 
+/// The input schemas under ids 1, 2, 3, as the records below are framed.
 fn codec() -> Codec {
-    let c = Codec::offline();
-    c.insert_schema(1, Impression::SCHEMA_JSON).expect("schema");
-    c.insert_schema(2, Click::SCHEMA_JSON).expect("schema");
-    c.insert_schema(3, Conversion::SCHEMA_JSON).expect("schema");
-    c
+    adstream_producer::encode::SchemaIds::OFFLINE
+        .offline_codec()
+        .expect("schemas")
 }
 
 fn imp(id: &str, t: i64) -> Impression {
