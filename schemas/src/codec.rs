@@ -269,14 +269,7 @@ impl Codec {
     /// Returns [`CodecError::UnknownSchemaId`] on a cache miss; [`Codec::decode`]
     /// then fetches the schema.
     pub fn decode_cached<T: AvroRecord>(&self, payload: &[u8]) -> Result<T, CodecError> {
-        let (id, body) = split_frame(payload)?;
-        let writer = self
-            .read_caches()
-            .by_id
-            .get(&id)
-            .cloned()
-            .ok_or(CodecError::UnknownSchemaId(id))?;
-        decode_body::<T>(id, T::FULL_NAME, &writer, body)
+        self.decode_framed(T::FULL_NAME, payload)
     }
 
     /// Decodes a framed payload whose writer schema is already cached into a
@@ -286,14 +279,25 @@ impl Codec {
         &self,
         payload: &'a [u8],
     ) -> Result<V, CodecError> {
+        self.decode_framed(V::Record::FULL_NAME, payload)
+    }
+
+    /// Decodes a framed payload with its cached writer schema, which must be
+    /// the record `full_name`. The body is decoded under the cache's read
+    /// lock (no copy of the schema's handle per record; writers only add
+    /// schemas, rarely).
+    fn decode_framed<'a, T: serde::Deserialize<'a>>(
+        &self,
+        full_name: &'static str,
+        payload: &'a [u8],
+    ) -> Result<T, CodecError> {
         let (id, body) = split_frame(payload)?;
-        let writer = self
-            .read_caches()
+        let caches = self.read_caches();
+        let writer = caches
             .by_id
             .get(&id)
-            .cloned()
             .ok_or(CodecError::UnknownSchemaId(id))?;
-        decode_body::<V>(id, V::Record::FULL_NAME, &writer, body)
+        decode_body::<T>(id, full_name, writer, body)
     }
 
     /// Decodes a framed payload, fetching its writer schema on first sight of its id.
