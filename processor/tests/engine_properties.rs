@@ -421,7 +421,7 @@ fn run_topology(
             }
             let (t, r) = nonempty[rng.below(nonempty.len() as u64) as usize];
             let bytes = channels[t][r].pop_front().expect("non-empty");
-            rolls[r].on_message(PartialMessage::decode(&bytes).expect("decodes"));
+            rolls[r].on_record(&bytes).expect("decodes");
             outputs.extend(rolls[r].take_outputs());
         }
     };

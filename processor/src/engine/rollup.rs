@@ -88,10 +88,6 @@ impl PartialMessage {
         // Serializing plain data into a Vec cannot fail.
         bincode::serialize(self).unwrap_or_default()
     }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, bincode::Error> {
-        bincode::deserialize(bytes)
-    }
 }
 
 /// A [`PartialMessage`] decoded in place: the same encoding, its strings
@@ -322,13 +318,6 @@ impl Rollup {
     }
 
     /// Takes one message of the partials topic.
-    pub fn on_message(&mut self, m: PartialMessage) {
-        match m {
-            PartialMessage::Cells { task, partial } => self.on_partial(task, partial),
-            PartialMessage::Mark { task, mark } => self.on_mark(task, mark),
-        }
-    }
-
     /// Takes one record of the partials topic as it was read.
     pub fn on_record(&mut self, bytes: &[u8]) -> Result<(), bincode::Error> {
         match PartialMessageRef::decode(bytes)? {
