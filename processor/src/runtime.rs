@@ -853,17 +853,13 @@ impl Shell<'_> {
         }
         // Eager rebalancing revoked everything: what this transaction holds
         // belongs to tasks that may move. Abort; the owners replay it.
-        if self.max_poll_gap > self.session_timeout {
-            // The group noticed the pause before the commit point did: same
-            // outcome as the zombie guard in `commit`, so say so in the log.
-            tracing::warn!(
-                gap_ms = self.max_poll_gap.as_millis() as u64,
-                "no poll for longer than the session timeout; not committing"
-            );
-            self.abort("rebalance after being paused past the session timeout");
+        // The group may notice a pause before the commit point does: same
+        // outcome as the zombie guard in `commit`, so say so in the log.
+        self.abort(if self.paused_past_session() {
+            "rebalance after being paused past the session timeout"
         } else {
-            self.abort("rebalance");
-        }
+            "rebalance"
+        });
         self.joins.clear();
         self.rollups.clear();
         let mut assigned: Vec<(String, i32)> = Vec::new();
@@ -1250,6 +1246,19 @@ impl Shell<'_> {
         }
     }
 
+    /// Whether the loop went longer than the session timeout without
+    /// polling (paused, e.g. SIGSTOP); says so in the log if it did.
+    fn paused_past_session(&self) -> bool {
+        let paused = self.max_poll_gap > self.session_timeout;
+        if paused {
+            tracing::warn!(
+                gap_ms = self.max_poll_gap.as_millis() as u64,
+                "no poll for longer than the session timeout; not committing"
+            );
+        }
+        paused
+    }
+
     /// Aborts and rebuilds every task from its checkpoint (transaction errors).
     fn reset_tasks(&mut self, why: &str) -> Result<(), RuntimeError> {
         self.abort(why);
@@ -1270,15 +1279,9 @@ impl Shell<'_> {
     /// commit and the positions of every task that has caught up.
     fn commit(&mut self, metrics: &Metrics, last: bool) -> Result<(), RuntimeError> {
         self.flush_outputs()?;
-        if self.max_poll_gap > self.session_timeout {
-            // Paused past the session timeout: the group has likely moved our
-            // partitions. Apache Kafka would fence the commit (KIP-447); not
-            // every broker does, so do not try.
-            let gap = self.max_poll_gap;
-            tracing::warn!(
-                gap_ms = gap.as_millis() as u64,
-                "no poll for longer than the session timeout; not committing"
-            );
+        if self.paused_past_session() {
+            // The group has likely moved our partitions. Apache Kafka would
+            // fence the commit (KIP-447); not every broker does, so do not try.
             return self.reset_tasks("possibly a zombie: paused past the session timeout");
         }
         let mut tpl = TopicPartitionList::new();
