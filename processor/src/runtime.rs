@@ -1468,7 +1468,7 @@ impl Shell<'_> {
         let mut stats = EngineStats::default();
         let mut sizes = crate::engine::join::JoinSizes::default();
         let mut open_windows = 0;
-        let mut grains = 0;
+        let mut strings = 0;
         for t in self.joins.values() {
             let s = t.engine.stats();
             for (a, b) in stats.by_topic.iter_mut().zip(&s.by_topic) {
@@ -1485,7 +1485,7 @@ impl Shell<'_> {
             sizes.pending_clicks += z.pending_clicks;
             sizes.pending_conversions += z.pending_conversions;
             open_windows += t.engine.open_windows();
-            grains += t.engine.interned_grains();
+            strings += t.engine.interned_strings();
         }
         for r in self.rollups.values() {
             let s = r.rollup.stats();
@@ -1494,7 +1494,7 @@ impl Shell<'_> {
             stats.alerts += s.alerts;
             stats.windows_closed += s.windows_closed;
             open_windows += r.rollup.open_windows();
-            grains += r.rollup.interned_grains();
+            strings += r.rollup.interned_strings();
         }
         let watermark = self
             .rollups
@@ -1511,7 +1511,7 @@ impl Shell<'_> {
                 ("pending_clicks", sizes.pending_clicks),
                 ("pending_conversions", sizes.pending_conversions),
                 ("open_windows", open_windows),
-                ("interned_grains", grains),
+                ("interned_strings", strings),
             ],
         );
         let assigned = self.joins.len() * 3;

@@ -32,7 +32,7 @@ use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 use serde::{Deserialize, Serialize};
 
 use anomaly::{AnomalyConfig, AnomalyDetector};
-use ids::{id_key, Interner};
+use ids::{id_key, Interner, IpRange};
 use join::{ClickEvent, ClickJoin, Counted, JoinConfig};
 use rollup::{emit_window, partials_of, Partial};
 use watermark::{InputPartition, WatermarkTracker};
@@ -192,7 +192,7 @@ pub struct Engine {
     outputs: Vec<Output>,
     counted: Vec<Counted>,
     unmatched: Vec<RawRecord>,
-    /// Scratch for an impression's IP range (formatted once per impression).
+    /// Scratch for an IPv6 impression's IP range text.
     ip_range: String,
 }
 
@@ -207,7 +207,7 @@ pub enum CheckpointError {
 
 /// Version of the state layout in checkpoints; bumped whenever a
 /// checkpointed type changes shape.
-pub const CHECKPOINT_FORMAT: u16 = 2;
+pub const CHECKPOINT_FORMAT: u16 = 3;
 
 /// Prefixes serialized state with a tag and [`CHECKPOINT_FORMAT`].
 pub(crate) fn framed_checkpoint(tag: &[u8; 4], state: &impl Serialize) -> Vec<u8> {
@@ -331,9 +331,9 @@ impl Engine {
         self.state.windows.open_windows()
     }
 
-    /// Distinct grains the join state and open windows hold.
-    pub fn interned_grains(&self) -> usize {
-        self.state.interner.grains()
+    /// Distinct dimension strings the join state and open windows hold.
+    pub fn interned_strings(&self) -> usize {
+        self.state.interner.strings()
     }
 
     /// Takes the outputs produced so far, in production order.
@@ -446,16 +446,12 @@ impl Engine {
                     s.duplicate += 1;
                 } else {
                     s.counted += 1;
-                    match ip {
-                        Some(ip) => validate::ip_range_into(ip, &mut self.ip_range),
-                        None => self.ip_range.clear(),
-                    }
-                    let grain = self.state.interner.grain(
+                    let grain = self.state.interner.grain_of(
                         r.campaign_id,
                         r.ad_id,
                         r.search_keyword,
                         r.state,
-                        &self.ip_range,
+                        IpRange::of(ip, &mut self.ip_range),
                         r.device_type,
                     );
                     let st = &mut self.state;

@@ -158,7 +158,7 @@ pub(crate) fn emit_window(
     // Campaign is the first grain dimension: its cells are adjacent.
     let mut campaigns: Vec<(u32, Measures)> = Vec::new();
     for (g, m) in &cells {
-        let c = interner.parts(*g)[0];
+        let c = interner.campaign_of(*g);
         match campaigns.last_mut() {
             Some((last, acc)) if *last == c => acc.merge(m),
             _ => campaigns.push((c, *m)),
@@ -167,19 +167,19 @@ pub(crate) fn emit_window(
     // Rows, campaign rows and (rare) alerts: grow the output buffer once,
     // not by doubling a large buffer of large values.
     outputs.reserve(cells.len() + 2 * campaigns.len() + 4);
+    let mut ip = String::new();
     for (g, m) in &cells {
-        let p = interner.parts(*g);
+        let v = interner.values(*g, &mut ip);
         stats.ad_metric_rows += 1;
-        let s = |i: usize| interner.string(p[i]).to_owned();
         outputs.push(Output::AdMetric(AdMetric {
             window_start: w.start,
             window_end: w.end,
-            campaign_id: s(0),
-            ad_id: s(1),
-            search_keyword: s(2),
-            state: s(3),
-            ip_range: s(4),
-            device_type: s(5),
+            campaign_id: v[0].to_owned(),
+            ad_id: v[1].to_owned(),
+            search_keyword: v[2].to_owned(),
+            state: v[3].to_owned(),
+            ip_range: v[4].to_owned(),
+            device_type: v[5].to_owned(),
             impressions: m.impressions,
             clicks: m.clicks,
             conversions: m.conversions,
@@ -234,9 +234,10 @@ pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Ve
     let mut cells = w.cells;
     interner.sort_cells(&mut cells);
     let mut current: Option<(Partial, usize)> = None;
+    let mut ip = String::new();
     for (g, m) in cells {
-        let p = interner.parts(g);
-        let values: GrainValues = std::array::from_fn(|i| interner.string(p[i]).to_owned());
+        let v = interner.values(g, &mut ip);
+        let values: GrainValues = v.map(str::to_owned);
         interner.release(g);
         // bincode: a length per string, and five i64 measures.
         let size = values.iter().map(|v| v.len() + 8).sum::<usize>() + 40;
@@ -437,8 +438,9 @@ impl Rollup {
     }
 
     /// Distinct grains the open windows hold.
-    pub fn interned_grains(&self) -> usize {
-        self.interner.grains()
+    /// Distinct dimension strings the open windows hold.
+    pub fn interned_strings(&self) -> usize {
+        self.interner.strings()
     }
 
     /// Serializes the state (outputs not yet taken are not part of it).
@@ -491,7 +493,7 @@ mod tests {
         let w = big_window(&mut interner, 3_000);
         partials_of(&mut interner, w, &mut out);
         let ps = partials(out);
-        assert_eq!(interner.grains(), 0, "every cell's reference given back");
+        assert_eq!(interner.strings(), 0, "every cell's reference given back");
         assert_eq!(ps[0].campaign_id, "b");
         assert_eq!(ps[0].chunk, 0);
         let c: Vec<&Partial> = ps.iter().filter(|p| p.campaign_id == "c").collect();
@@ -560,6 +562,6 @@ mod tests {
             .map(|m| m.cost_micros)
             .sum();
         assert_eq!(c, (0..3_000i64).sum::<i64>());
-        assert_eq!(r.interned_grains(), 0);
+        assert_eq!(r.interned_strings(), 0);
     }
 }

@@ -447,18 +447,20 @@ fn state_is_freed_after_its_horizon() {
 }
 
 #[test]
-fn interned_grains_are_freed_with_the_state_that_holds_them() {
+fn interned_strings_are_freed_with_the_state_that_holds_them() {
     let mut h = Harness::simple();
-    // 100 impressions of 100 distinct grains (one /24 each); half get a click.
+    // 100 impressions of 100 distinct ads (and a /24 each); half get a click.
     for i in 0..100 {
         let mut r = imp(&format!("i{i}"), 1_000 + i);
+        r.ad_id = format!("ad{i}");
         r.user_ip = format!("10.{i}.0.1");
         h.imp(&r);
         if i % 2 == 0 {
             h.click(&click(&format!("k{i}"), &format!("i{i}"), 2_000 + i));
         }
     }
-    assert_eq!(h.engine.interned_grains(), 100);
+    // The ads, and c1, shoes, US-CA, mobile; IP ranges are not strings.
+    assert_eq!(h.engine.interned_strings(), 104);
     // Past the click window: unclicked impressions and their window cells
     // are gone; matched clicks still hold their grains for conversions.
     let cw = EngineConfig::default().click_window;
@@ -467,22 +469,16 @@ fn interned_grains_are_freed_with_the_state_that_holds_them() {
         h.rows().iter().filter(|r| r.campaign_id == "c1").count(),
         100
     );
-    let fillers = 3; // the filler grains still in open windows or the join
-    assert!(
-        (50..=50 + fillers).contains(&h.engine.interned_grains()),
-        "{}",
-        h.engine.interned_grains()
-    );
-    // Past the conversion window nothing of the first batch is left.
+    // The clicked ads and the four shared strings, plus the filler
+    // impression's "filler" and "a1".
+    assert_eq!(h.engine.interned_strings(), 50 + 4 + 2);
+    // Past the conversion window only the last filler impression is held.
     let vw = EngineConfig::default().conversion_window;
     h.advance_all_to(2_000 + vw + 3 * MIN);
-    assert!(
-        h.engine.interned_grains() <= fillers,
-        "{}",
-        h.engine.interned_grains()
-    );
+    assert_eq!(h.engine.interned_strings(), 5);
     // A grain seen again after being freed is interned afresh and counted.
     let mut r = imp("again", 2_000 + vw + 4 * MIN);
+    r.ad_id = "ad7".into();
     r.user_ip = "10.7.0.1".into();
     h.imp(&r);
     h.advance_all_to(2_000 + vw + 10 * MIN);

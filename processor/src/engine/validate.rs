@@ -130,7 +130,7 @@ pub fn ip_range_into(ip: IpAddr, out: &mut String) {
         IpAddr::V4(v4) => {
             let o = v4.octets();
             for b in &o[..3] {
-                push_decimal(out, *b);
+                super::ids::push_decimal(out, *b);
                 out.push('.');
             }
             out.push_str("0/24");
@@ -141,16 +141,6 @@ pub fn ip_range_into(ip: IpAddr, out: &mut String) {
             let _ = write!(out, "{}/48", std::net::Ipv6Addr::from(bits));
         }
     }
-}
-
-fn push_decimal(out: &mut String, b: u8) {
-    if b >= 100 {
-        out.push(char::from(b'0' + b / 100));
-    }
-    if b >= 10 {
-        out.push(char::from(b'0' + b / 10 % 10));
-    }
-    out.push(char::from(b'0' + b % 10));
 }
 
 #[cfg(test)]

@@ -159,12 +159,14 @@ impl WindowStore {
 mod tests {
     use super::*;
 
+    const G: GrainId = [1, 2, 3, 4, 5, 6];
+
     #[test]
     fn event_at_window_end_belongs_to_next_window() {
         let mut w = WindowStore::new(60_000, 0);
-        assert!(w.add(59_999, 1, &Measures::impression(1)));
-        assert!(w.add(60_000, 1, &Measures::impression(1)));
-        assert!(!w.add(60_001, 1, &Measures::click(1)));
+        assert!(w.add(59_999, G, &Measures::impression(1)));
+        assert!(w.add(60_000, G, &Measures::impression(1)));
+        assert!(!w.add(60_001, G, &Measures::click(1)));
         let closed = w.close_until(60_000);
         assert_eq!(closed.len(), 1);
         assert_eq!((closed[0].start, closed[0].end), (0, 60_000));
@@ -175,12 +177,12 @@ mod tests {
     #[test]
     fn lateness_delays_close() {
         let mut w = WindowStore::new(60_000, 5_000);
-        assert!(w.add(10, 1, &Measures::click(7)));
+        assert!(w.add(10, G, &Measures::click(7)));
         assert!(w.close_until(64_999).is_empty());
         assert!(!w.is_emitted(10, 64_999));
         assert!(w.is_emitted(10, 65_000));
         let c = w.close_until(65_000);
-        assert_eq!(c[0].cells, vec![(1, Measures::click(7))]);
+        assert_eq!(c[0].cells, vec![(G, Measures::click(7))]);
     }
 
     #[test]
