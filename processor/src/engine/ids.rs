@@ -368,7 +368,11 @@ impl Interner {
                     | (u128::from(r1[i]) << 64)
                     | (u128::from(r2[i]) << 32)
                     | u128::from(r3[i]);
-                (key, (u64::from(rip[i]) << 32) | u64::from(rdev[i]), i as u32)
+                (
+                    key,
+                    (u64::from(rip[i]) << 32) | u64::from(rdev[i]),
+                    i as u32,
+                )
             })
             .collect();
         order.sort_unstable();
@@ -563,7 +567,11 @@ mod tests {
         let mut j: Interner = bincode::deserialize(&bytes).expect("deserialize");
         assert_eq!(j.strings(), 5);
         assert_eq!(j.resolve(b), i.resolve(b));
-        assert_eq!(j.grain("e", "a", "k", "s", "1.2.3.0/24", "mobile"), a, "c's slot reused");
+        assert_eq!(
+            j.grain("e", "a", "k", "s", "1.2.3.0/24", "mobile"),
+            a,
+            "c's slot reused"
+        );
         j.release(b);
         assert_eq!(j.strings(), 5);
     }
