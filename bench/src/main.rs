@@ -177,7 +177,7 @@ fn new_engine(codec: Codec, partitions: i32) -> Engine {
 }
 
 /// Encodes results as the runtime does before sending them.
-fn encode_outputs(outputs: Vec<Output>, buf: &mut Vec<u8>) -> u64 {
+fn encode_outputs(outputs: impl Iterator<Item = Output>, buf: &mut Vec<u8>) -> u64 {
     let mut n = 0;
     for o in outputs {
         let ok = match &o {
@@ -252,7 +252,7 @@ fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
         );
         *offset += 1;
         if engine.has_outputs() {
-            outputs += encode_outputs(engine.take_outputs(), &mut buf);
+            outputs += encode_outputs(engine.drain_outputs(), &mut buf);
         }
     }
     let cpu_end = thread_cpu();

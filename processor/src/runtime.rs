@@ -1152,7 +1152,7 @@ impl Shell<'_> {
             if task.replay_to.is_some() {
                 continue;
             }
-            for out in task.engine.take_outputs() {
+            for out in task.engine.drain_outputs() {
                 produced += 1;
                 if let Output::Partial(p) = out {
                     self.window_closed = true;
@@ -1212,7 +1212,7 @@ impl Shell<'_> {
                 tracing::debug!(task = %task.name(), windows = closes.len(), since_mark_ms = now_ms - first, "rollup closed windows");
             }
             self.close_times.extend(closes);
-            for out in task.rollup.take_outputs() {
+            for out in task.rollup.drain_outputs() {
                 produced += 1;
                 self.window_closed = true;
                 produce_output(

@@ -127,6 +127,12 @@ pub fn record_full_name(schema_json: &str) -> Option<String> {
     }
 }
 
+/// The writer schema a [`Codec::decode_view_with`] caller used last.
+#[derive(Default)]
+pub struct WriterCache {
+    last: Option<(u32, Arc<WriterSchema>)>,
+}
+
 #[derive(Default)]
 struct Caches {
     /// Writer schemas by id.
@@ -280,6 +286,32 @@ impl Codec {
         payload: &'a [u8],
     ) -> Result<V, CodecError> {
         self.decode_framed(V::Record::FULL_NAME, payload)
+    }
+
+    /// [`decode_view`](Self::decode_view) through `cache`, which remembers
+    /// the writer schema of the last id it saw: while the id repeats (every
+    /// record of a topic, in practice) decoding takes no lock. Schemas are
+    /// only ever added under an id, never changed, so a remembered one
+    /// cannot go stale.
+    pub fn decode_view_with<'a, V: crate::records::AvroView<'a>>(
+        &self,
+        cache: &mut WriterCache,
+        payload: &'a [u8],
+    ) -> Result<V, CodecError> {
+        let (id, body) = split_frame(payload)?;
+        let writer = match &mut cache.last {
+            Some((last, w)) if *last == id => w,
+            slot => {
+                let w = self
+                    .read_caches()
+                    .by_id
+                    .get(&id)
+                    .cloned()
+                    .ok_or(CodecError::UnknownSchemaId(id))?;
+                &slot.insert((id, w)).1
+            }
+        };
+        decode_body::<V>(id, V::Record::FULL_NAME, writer, body)
     }
 
     /// Decodes a framed payload with its cached writer schema, which must be
@@ -692,6 +724,46 @@ pub(crate) mod tests {
             (Err(a), Err(b)) => assert_eq!(a.reason_code(), b.reason_code()),
             (r, v) => panic!("record {r:?} but view {v:?} for {buf:?}"),
         }
+        // Through a writer cache: filling it, then hitting it.
+        let mut cache = WriterCache::default();
+        for _ in 0..2 {
+            match (
+                codec.decode_view::<V>(buf),
+                codec.decode_view_with::<V>(&mut cache, buf),
+            ) {
+                (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+                (Err(a), Err(b)) => assert_eq!(a.reason_code(), b.reason_code()),
+                (a, b) => panic!("view {a:?} but cached {b:?} for {buf:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_writer_cache_follows_the_id_of_each_record() {
+        let codec = codec_with::<Impression>(3);
+        let mut three = Vec::new();
+        Codec::encode_with_id(3, &sample_impression(), &mut three).expect("encode");
+        let mut unknown = three.clone();
+        unknown[4] = 9;
+        let mut cache = WriterCache::default();
+        for _ in 0..2 {
+            let v: ImpressionView = codec.decode_view_with(&mut cache, &three).expect("id 3");
+            assert_eq!(v.search_keyword, "running shoes");
+            assert!(matches!(
+                codec.decode_view_with::<ImpressionView>(&mut cache, &unknown),
+                Err(CodecError::UnknownSchemaId(9))
+            ));
+        }
+        // A click's schema under another id is refused for an impression
+        // view, as without the cache.
+        let codec = codec_with::<Click>(4);
+        let mut click = Vec::new();
+        Codec::encode_with_id(4, &sample_click(), &mut click).expect("encode");
+        let mut cache = WriterCache::default();
+        assert!(matches!(
+            codec.decode_view_with::<ImpressionView>(&mut cache, &click),
+            Err(CodecError::WrongSchema { id: 4, .. })
+        ));
     }
 
     fn same_impression(r: &Impression, v: &ImpressionView) -> bool {

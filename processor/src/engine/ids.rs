@@ -75,7 +75,7 @@ impl<'a> IpRange<'a> {
     }
 }
 
-/// `a.b.c` as three decimal octets, only in the form [`push_decimal`]
+/// `a.b.c` as three decimal octets, only in the form [`v4_range_text`]
 /// writes (no leading zeros), so a number maps back to the same text.
 fn canonical_octets(s: &str) -> Option<[u8; 3]> {
     let mut out = [0u8; 3];
@@ -94,24 +94,44 @@ fn canonical_octets(s: &str) -> Option<[u8; 3]> {
     parts.next().is_none().then_some(out)
 }
 
-/// Writes an IPv4 /24 code's text (`a.b.c.0/24`).
-fn write_v4_range(code: u32, out: &mut String) {
+/// An IPv4 /24 code's text (`a.b.c.0/24`, at most 16 bytes) and its length.
+fn v4_range_text(code: u32) -> ([u8; 16], usize) {
     let net = code - 1;
+    let mut b = [0u8; 16];
+    let mut n = 0;
     for shift in [16, 8, 0] {
-        push_decimal(out, (net >> shift) as u8);
-        out.push('.');
+        let o = (net >> shift) as u8;
+        if o >= 100 {
+            b[n] = b'0' + o / 100;
+            n += 1;
+        }
+        if o >= 10 {
+            b[n] = b'0' + o / 10 % 10;
+            n += 1;
+        }
+        b[n] = b'0' + o % 10;
+        b[n + 1] = b'.';
+        n += 2;
     }
-    out.push_str("0/24");
+    b[n..n + 4].copy_from_slice(b"0/24");
+    (b, n + 4)
 }
 
-pub(crate) fn push_decimal(out: &mut String, b: u8) {
-    if b >= 100 {
-        out.push(char::from(b'0' + b / 100));
-    }
-    if b >= 10 {
-        out.push(char::from(b'0' + b / 10 % 10));
-    }
-    out.push(char::from(b'0' + b % 10));
+/// The code of the IPv4 /24 network holding `v4`.
+fn v4_code(v4: Ipv4Addr) -> u32 {
+    (u32::from(v4) >> 8) + 1
+}
+
+/// Writes the text of the IPv4 /24 network holding `v4`.
+pub(crate) fn write_v4_range_of(v4: Ipv4Addr, out: &mut String) {
+    write_v4_range(v4_code(v4), out);
+}
+
+/// Writes an IPv4 /24 code's text.
+fn write_v4_range(code: u32, out: &mut String) {
+    let (b, n) = v4_range_text(code);
+    // Digits, dots and "/": ASCII.
+    out.push_str(std::str::from_utf8(&b[..n]).unwrap_or_default());
 }
 
 /// The dimension values of one grain.
@@ -263,7 +283,7 @@ impl Interner {
     ) -> GrainId {
         let ip = match ip_range {
             IpRange::None => 0,
-            IpRange::V4(v4) => (u32::from(v4) >> 8) + 1,
+            IpRange::V4(v4) => v4_code(v4),
             IpRange::Text(s) => IP_TEXT | self.intern(s),
         };
         let g = [
@@ -344,40 +364,59 @@ impl Interner {
     ///
     /// Comparing grains string by string was a tenth of the engine's time
     /// (a window holds about one grain per impression, nearly all differing
-    /// only in the IP range). Instead each dimension is ranked once over its
-    /// distinct values (interned strings are unique, so equal ids mean
-    /// equal values; IP range codes are unique per text too), and cells are
-    /// sorted by their ranks, integer compares only.
+    /// only in the IP range). Instead each string dimension is ranked once
+    /// over its few distinct values (interned strings are unique, so equal
+    /// ids mean equal values), and the IP range is compared by its text's
+    /// first 16 bytes as a big-endian number (zero-padded, and text has no
+    /// zero bytes, so for texts up to 16 bytes, every IPv4 range, that is
+    /// the text order); only longer texts that tie there are compared as
+    /// strings.
     pub fn sort_cells<T: Copy>(&self, cells: &mut [(GrainId, T)]) {
-        let dim = |d: usize| -> Vec<u32> {
+        let rank = |d: usize| -> Vec<u32> {
             let ids: Vec<u32> = cells.iter().map(|(g, _)| g[d]).collect();
-            if d == IP {
-                ranks(&ids, |code| {
-                    let mut text = String::new();
-                    self.ip_range_into([0, 0, 0, 0, code, 0], &mut text);
-                    text
-                })
-            } else {
-                ranks(&ids, |id| &*self.values[id as usize])
-            }
+            ranks(&ids, |id| &*self.values[id as usize])
         };
-        let [r0, r1, r2, r3, rip, rdev] = std::array::from_fn(dim);
-        let mut order: Vec<(u128, u64, u32)> = (0..cells.len())
+        let [r0, r1, r2, r3, rdev] = [rank(0), rank(1), rank(2), rank(3), rank(5)];
+        let mut order: Vec<(u128, u128, u32, u32)> = (0..cells.len())
             .map(|i| {
                 let key = (u128::from(r0[i]) << 96)
                     | (u128::from(r1[i]) << 64)
                     | (u128::from(r2[i]) << 32)
                     | u128::from(r3[i]);
-                (
-                    key,
-                    (u64::from(rip[i]) << 32) | u64::from(rdev[i]),
-                    i as u32,
-                )
+                (key, self.ip_sort_key(cells[i].0[IP]), rdev[i], i as u32)
             })
             .collect();
-        order.sort_unstable();
-        let sorted: Vec<(GrainId, T)> = order.iter().map(|o| cells[o.2 as usize]).collect();
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.1.cmp(&b.1))
+                .then_with(|| {
+                    let (ga, gb) = (cells[a.3 as usize].0, cells[b.3 as usize].0);
+                    if ga[IP] == gb[IP] || a.1 != b.1 {
+                        return std::cmp::Ordering::Equal;
+                    }
+                    // Equal 16-byte prefixes of different texts: both long.
+                    let text = |c: u32| &*self.values[(c & !IP_TEXT) as usize];
+                    text(ga[IP]).cmp(text(gb[IP]))
+                })
+                .then(a.2.cmp(&b.2))
+        });
+        let sorted: Vec<(GrainId, T)> = order.iter().map(|o| cells[o.3 as usize]).collect();
         cells.copy_from_slice(&sorted);
+    }
+
+    /// The first 16 bytes of an IP range code's text, big-endian, zero-padded.
+    fn ip_sort_key(&self, code: u32) -> u128 {
+        let mut b = [0u8; 16];
+        match code {
+            0 => {}
+            c if c & IP_TEXT != 0 => {
+                let t = self.values[(c & !IP_TEXT) as usize].as_bytes();
+                let n = t.len().min(16);
+                b[..n].copy_from_slice(&t[..n]);
+            }
+            c => b = v4_range_text(c).0,
+        }
+        u128::from_be_bytes(b)
     }
 
     /// The dimension values of a grain.
@@ -491,9 +530,11 @@ mod tests {
             for k in 0..n {
                 // Few values per dimension, so ties reach every dimension;
                 // IP ranges whose text order is not their numeric order.
-                let ip = match pick(5) {
+                let ip = match pick(6) {
                     0 => String::new(),
                     1 => format!("2001:db8:{:x}::/48", pick(20)),
+                    // Texts longer than 16 bytes that share their first 16.
+                    2 => format!("2001:0db8:abcd:0001:{:x}::/80", pick(20)),
                     _ => format!("{}.{}.0.0/24", pick(3) * 45, pick(12)),
                 };
                 let g = i.grain(

@@ -27,6 +27,7 @@ pub mod validate;
 pub mod watermark;
 pub mod windows;
 
+use adstream_schemas::codec::WriterCache;
 use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
 use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 use serde::{Deserialize, Serialize};
@@ -192,6 +193,8 @@ pub struct Engine {
     outputs: Vec<Output>,
     counted: Vec<Counted>,
     unmatched: Vec<RawRecord>,
+    /// Per input topic, the writer schema it used last (no lock per record).
+    writers: [WriterCache; 3],
     /// Scratch for an IPv6 impression's IP range text.
     ip_range: String,
 }
@@ -265,6 +268,7 @@ impl Engine {
             counted: Vec::new(),
             unmatched: Vec::new(),
             ip_range: String::with_capacity(48),
+            writers: Default::default(),
             codec,
             cfg,
         }
@@ -341,6 +345,13 @@ impl Engine {
         std::mem::take(&mut self.outputs)
     }
 
+    /// Takes the outputs produced so far, in production order, keeping the
+    /// buffer: a closed window's rows would otherwise grow a fresh buffer,
+    /// page by newly touched page, every minute.
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.outputs.drain(..)
+    }
+
     /// Whether outputs are waiting.
     pub fn has_outputs(&self) -> bool {
         !self.outputs.is_empty()
@@ -355,11 +366,12 @@ impl Engine {
         });
     }
 
-    fn decode<'a>(&self, topic: u8, value: &'a [u8]) -> Result<Decoded<'a>, CodecError> {
+    fn decode<'a>(&mut self, topic: u8, value: &'a [u8]) -> Result<Decoded<'a>, CodecError> {
+        let (codec, cache) = (&self.codec, &mut self.writers[topic as usize]);
         Ok(match topic {
-            IMPRESSIONS => Decoded::Impression(self.codec.decode_view(value)?),
-            CLICKS => Decoded::Click(self.codec.decode_view(value)?),
-            _ => Decoded::Conversion(self.codec.decode_view(value)?),
+            IMPRESSIONS => Decoded::Impression(codec.decode_view_with(cache, value)?),
+            CLICKS => Decoded::Click(codec.decode_view_with(cache, value)?),
+            _ => Decoded::Conversion(codec.decode_view_with(cache, value)?),
         })
     }
 

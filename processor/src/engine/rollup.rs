@@ -421,6 +421,11 @@ impl Rollup {
         std::mem::take(&mut self.outputs)
     }
 
+    /// As [`Engine::drain_outputs`](super::Engine::drain_outputs).
+    pub fn drain_outputs(&mut self) -> std::vec::Drain<'_, Output> {
+        self.outputs.drain(..)
+    }
+
     pub fn has_outputs(&self) -> bool {
         !self.outputs.is_empty()
     }

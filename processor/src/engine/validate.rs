@@ -127,14 +127,7 @@ pub fn ip_range_into(ip: IpAddr, out: &mut String) {
     use std::fmt::Write as _;
     out.clear();
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            for b in &o[..3] {
-                super::ids::push_decimal(out, *b);
-                out.push('.');
-            }
-            out.push_str("0/24");
-        }
+        IpAddr::V4(v4) => super::ids::write_v4_range_of(v4, out),
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 80) - 1);
             // Writing into a String cannot fail.
