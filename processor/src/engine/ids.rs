@@ -228,7 +228,50 @@ fn strings_of(g: &GrainId) -> impl Iterator<Item = u32> + '_ {
     })
 }
 
+/// `g` with each of its strings renumbered by `f` (from one string table
+/// to another); IPv4 codes are kept.
+pub fn map_strings(g: GrainId, mut f: impl FnMut(u32) -> u32) -> GrainId {
+    std::array::from_fn(|d| match g[d] {
+        code if d == IP && code & IP_TEXT != 0 => IP_TEXT | f(code & !IP_TEXT),
+        code if d == IP => code,
+        id => f(id),
+    })
+}
+
+/// The dimension values of `g` with its strings looked up in `table` (the
+/// IP range is written into `ip`); `None` if `table` lacks one or the IP
+/// code is out of range.
+pub fn values_in<'a>(
+    g: GrainId,
+    table: impl Fn(u32) -> Option<&'a str>,
+    ip: &'a mut String,
+) -> Option<[&'a str; 6]> {
+    ip.clear();
+    match g[IP] {
+        0 => {}
+        code if code & IP_TEXT != 0 => ip.push_str(table(code & !IP_TEXT)?),
+        code if code <= 1 << 24 => write_v4_range(code, ip),
+        _ => return None,
+    }
+    Some([
+        table(g[0])?,
+        table(g[1])?,
+        table(g[2])?,
+        table(g[3])?,
+        ip.as_str(),
+        table(g[5])?,
+    ])
+}
+
 impl Interner {
+    /// The id of `s` with one reference taken (give it back with
+    /// [`release_string`](Self::release_string)).
+    pub fn hold(&mut self, s: &str) -> u32 {
+        let id = self.intern(s);
+        self.value_refs[id as usize] += 1;
+        id
+    }
+
     /// The id of `s`, adding it (unreferenced) if new.
     fn intern(&mut self, s: &str) -> u32 {
         let hash = self.hasher.hash_one(s);
@@ -254,7 +297,7 @@ impl Interner {
     }
 
     /// Gives back one reference to string `v`, freeing it at the last.
-    fn release_string(&mut self, v: u32) {
+    pub fn release_string(&mut self, v: u32) {
         let refs = &mut self.value_refs[v as usize];
         *refs = refs.saturating_sub(1);
         if *refs > 0 {

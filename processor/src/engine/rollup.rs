@@ -43,17 +43,20 @@ use adstream_schemas::records::rate;
 use adstream_schemas::{AdMetric, CampaignCtr};
 
 use super::anomaly::{AnomalyDetector, CampaignWindow};
-use super::ids::Interner;
+use super::ids::{self, GrainId, Interner};
 use super::windows::{ClosedWindow, Measures, WindowStore};
 use super::{EngineConfig, EngineStats, Output};
-
-/// The dimension values of an ad-metrics grain, in grain order:
-/// campaign, ad, keyword, state, ip range, device.
-pub type GrainValues = [String; 6];
 
 /// One task's final cells of one window for one campaign, or a chunk of
 /// them: a campaign with many grains in a window is split so no message
 /// comes near the broker's message size limit.
+///
+/// The cells' strings are in `strings` once each; a cell names them by
+/// index, in grain order (campaign, ad, keyword, state, ip range, device),
+/// the IP range coded as in a [`GrainId`] (an IPv4 /24 as its number, a
+/// text range as a flagged index). A cell of text strings was about 140
+/// bytes on the topic, and a rollup hashed its six strings; this one is 64
+/// bytes and maps indices through a table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Partial {
     pub window_start: i64,
@@ -61,8 +64,21 @@ pub struct Partial {
     pub campaign_id: String,
     /// 0, 1, … within (window, campaign).
     pub chunk: u32,
+    /// The distinct strings of the cells.
+    pub strings: Vec<String>,
     /// Cells in grain order; every grain's campaign is `campaign_id`.
-    pub cells: Vec<(GrainValues, Measures)>,
+    pub cells: Vec<(GrainId, Measures)>,
+}
+
+impl Partial {
+    /// The dimension values of cell `i`, if its indices are in range.
+    pub fn values(&self, i: usize) -> Option<[String; 6]> {
+        let mut ip = String::new();
+        let g = self.cells.get(i)?.0;
+        let table = |id: u32| self.strings.get(id as usize).map(String::as_str);
+        let v = ids::values_in(g, table, &mut ip)?;
+        Some(v.map(str::to_owned))
+    }
 }
 
 /// A task's watermark announcement.
@@ -79,8 +95,18 @@ pub struct Mark {
 /// What travels on the partials topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PartialMessage {
-    Cells { task: u32, partial: Partial },
-    Mark { task: u32, mark: Mark },
+    /// Cells with their strings in each cell, as checkpoint format 2 wrote
+    /// them; never written now, and refused when read (an upgrade starts
+    /// from fresh checkpoints anyway).
+    TextCells,
+    Mark {
+        task: u32,
+        mark: Mark,
+    },
+    Cells {
+        task: u32,
+        partial: Partial,
+    },
 }
 
 impl PartialMessage {
@@ -91,18 +117,18 @@ impl PartialMessage {
 }
 
 /// A [`PartialMessage`] decoded in place: the same encoding, its strings
-/// pointing into the record, so a rollup interns the dimension values
-/// without allocating six strings per cell first.
+/// pointing into the record, so a rollup interns them without allocating.
 #[derive(Debug, Deserialize)]
 pub enum PartialMessageRef<'a> {
+    TextCells,
+    Mark {
+        task: u32,
+        mark: Mark,
+    },
     Cells {
         task: u32,
         #[serde(borrow)]
         partial: PartialRef<'a>,
-    },
-    Mark {
-        task: u32,
-        mark: Mark,
     },
 }
 
@@ -120,7 +146,8 @@ pub struct PartialRef<'a> {
     pub campaign_id: &'a str,
     pub chunk: u32,
     #[serde(borrow)]
-    pub cells: Vec<([&'a str; 6], Measures)>,
+    pub strings: Vec<&'a str>,
+    pub cells: Vec<(GrainId, Measures)>,
 }
 
 impl Partial {
@@ -130,11 +157,8 @@ impl Partial {
             window_end: self.window_end,
             campaign_id: &self.campaign_id,
             chunk: self.chunk,
-            cells: self
-                .cells
-                .iter()
-                .map(|(v, m)| (std::array::from_fn(|i| v[i].as_str()), *m))
-                .collect(),
+            strings: self.strings.iter().map(String::as_str).collect(),
+            cells: self.cells.clone(),
         }
     }
 }
@@ -226,6 +250,9 @@ pub(crate) fn emit_window(
 /// far below the brokers' default 1 MB message limit.
 const CHUNK_BYTES: usize = 256 << 10;
 
+/// bincode's size of a cell: six u32 and five i64.
+const CELL_BYTES: usize = 6 * 4 + 5 * 8;
+
 /// Splits a window closed by a join task into per-campaign partials (in
 /// chunks of at most about [`CHUNK_BYTES`]), in campaign order.
 ///
@@ -233,40 +260,50 @@ const CHUNK_BYTES: usize = 256 << 10;
 pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
     let mut cells = w.cells;
     interner.sort_cells(&mut cells);
+    // Index in the current chunk's table, by interned string id.
+    let mut index: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
     let mut current: Option<(Partial, usize)> = None;
-    let mut ip = String::new();
     for (g, m) in cells {
-        let v = interner.values(g, &mut ip);
-        let values: GrainValues = v.map(str::to_owned);
-        interner.release(g);
-        // bincode: a length per string, and five i64 measures.
-        let size = values.iter().map(|v| v.len() + 8).sum::<usize>() + 40;
-        match &mut current {
-            Some((c, bytes)) if c.campaign_id == values[0] && *bytes + size <= CHUNK_BYTES => {
-                c.cells.push((values, m));
-                *bytes += size;
+        let campaign = interner.campaign_of(g);
+        let fits = |c: &Partial, bytes: usize| {
+            c.campaign_id == interner.string(campaign) && bytes + CELL_BYTES + 256 <= CHUNK_BYTES
+        };
+        let chunk = match &current {
+            Some((c, bytes)) if fits(c, *bytes) => None,
+            Some((c, _)) if c.campaign_id == interner.string(campaign) => Some(c.chunk + 1),
+            _ => Some(0),
+        };
+        if let Some(chunk) = chunk {
+            if let Some((done, _)) = current.take() {
+                out.push(Output::Partial(done));
             }
-            _ => {
-                let chunk = match current.take() {
-                    Some((done, _)) => {
-                        let next = (done.campaign_id == values[0]).then_some(done.chunk + 1);
-                        out.push(Output::Partial(done));
-                        next.unwrap_or(0)
-                    }
-                    None => 0,
-                };
-                current = Some((
-                    Partial {
-                        window_start: w.start,
-                        window_end: w.end,
-                        campaign_id: values[0].clone(),
-                        chunk,
-                        cells: vec![(values, m)],
-                    },
-                    size,
-                ));
-            }
+            index.clear();
+            current = Some((
+                Partial {
+                    window_start: w.start,
+                    window_end: w.end,
+                    campaign_id: interner.string(campaign).to_owned(),
+                    chunk,
+                    strings: Vec::new(),
+                    cells: Vec::new(),
+                },
+                64,
+            ));
         }
+        let Some((c, bytes)) = current.as_mut() else {
+            continue;
+        };
+        let cell = ids::map_strings(g, |id| {
+            *index.entry(id).or_insert_with(|| {
+                let s = interner.string(id);
+                *bytes += 8 + s.len();
+                c.strings.push(s.to_owned());
+                (c.strings.len() - 1) as u32
+            })
+        });
+        *bytes += CELL_BYTES;
+        c.cells.push((cell, m));
+        interner.release(g);
     }
     if let Some((done, _)) = current {
         out.push(Output::Partial(done));
@@ -322,42 +359,66 @@ impl Rollup {
     /// Takes one record of the partials topic as it was read.
     pub fn on_record(&mut self, bytes: &[u8]) -> Result<(), bincode::Error> {
         match PartialMessageRef::decode(bytes)? {
-            PartialMessageRef::Cells { task, partial } => self.on_partial_ref(task, &partial),
+            PartialMessageRef::Cells { task, partial } => self.on_partial_ref(task, &partial)?,
             PartialMessageRef::Mark { task, mark } => self.on_mark(task, mark),
+            PartialMessageRef::TextCells => {
+                return Err(Box::new(bincode::ErrorKind::Custom(
+                    "partial cells in the text layout of an older version (checkpoint format 2); its windows must be rebuilt from the input".to_owned(),
+                )))
+            }
         }
         Ok(())
     }
 
     /// Adds a task's partial cells.
-    pub fn on_partial(&mut self, task: u32, p: Partial) {
-        self.on_partial_ref(task, &p.as_ref());
+    pub fn on_partial(&mut self, task: u32, p: Partial) -> Result<(), bincode::Error> {
+        self.on_partial_ref(task, &p.as_ref())
     }
 
-    fn on_partial_ref(&mut self, task: u32, p: &PartialRef) {
+    fn on_partial_ref(&mut self, task: u32, p: &PartialRef) -> Result<(), bincode::Error> {
+        let valid = p.cells.iter().all(|(g, _)| {
+            ids::values_in(
+                *g,
+                |i| p.strings.get(i as usize).copied(),
+                &mut String::new(),
+            )
+            .is_some()
+        });
+        if !valid {
+            return Err(Box::new(bincode::ErrorKind::Custom(
+                "a partial cell names a string its table does not have".to_owned(),
+            )));
+        }
         let Some(last) = self.last_partial.get_mut(task as usize) else {
             tracing::warn!(task, "partial from an unknown task ignored");
-            return;
+            return Ok(());
         };
         let this = (p.window_start, p.campaign_id.to_owned(), p.chunk);
         if last.as_ref().is_some_and(|l| *l >= this) {
             self.rollup_stats.replayed_partials += 1;
-            return;
+            return Ok(());
         }
         self.rollup_stats.partials += 1;
         if self.windows.is_emitted(this.0, self.watermark) {
             self.rollup_stats.late_cells += p.cells.len() as u64;
             tracing::warn!(task, window_start = this.0, campaign = %this.1, "partial cells for an emitted window dropped (an idle partition let the watermark pass)");
             *last = Some(this);
-            return;
+            return Ok(());
         }
-        for (v, m) in &p.cells {
-            let g = self.interner.grain(v[0], v[1], v[2], v[3], v[4], v[5]);
-            // A new cell keeps the reference `grain` gave; an existing one has its own.
-            if !self.windows.add(this.0, g, m) {
-                self.interner.release(g);
+        // Each table string is interned once, held for the message, and
+        // given back after it: a new cell takes its own references.
+        let ids: Vec<u32> = p.strings.iter().map(|s| self.interner.hold(s)).collect();
+        for (cell, m) in &p.cells {
+            let g = ids::map_strings(*cell, |i| ids[i as usize]);
+            if self.windows.add(this.0, g, m) {
+                self.interner.retain(g);
             }
         }
+        for id in ids {
+            self.interner.release_string(id);
+        }
         *last = Some(this);
+        Ok(())
     }
 
     /// Takes a task's watermark; closes the windows the minimum now passes.
@@ -470,7 +531,8 @@ mod tests {
         let mut cells = Vec::new();
         let keyword = "k".repeat(200);
         for i in 0..grains {
-            let g = interner.grain("c", "a", &keyword, "s", &format!("10.{i}.0.0/24"), "d");
+            let ip = format!("10.{}.{}.0/24", i / 256, i % 256);
+            let g = interner.grain("c", "a", &keyword, "s", &ip, "d");
             cells.push((g, Measures::impression(i as i64)));
         }
         let g = interner.grain("b", "a", "k", "s", "1.1.1.0/24", "d");
@@ -495,7 +557,7 @@ mod tests {
     fn a_large_campaign_is_split_into_numbered_chunks_below_the_limit() {
         let mut interner = Interner::default();
         let mut out = Vec::new();
-        let w = big_window(&mut interner, 3_000);
+        let w = big_window(&mut interner, 10_000);
         partials_of(&mut interner, w, &mut out);
         let ps = partials(out);
         assert_eq!(interner.strings(), 0, "every cell's reference given back");
@@ -513,14 +575,31 @@ mod tests {
             .len();
             assert!(bytes <= CHUNK_BYTES + 1024, "chunk of {bytes} bytes");
         }
-        assert_eq!(c.iter().map(|p| p.cells.len()).sum::<usize>(), 3_000);
+        assert_eq!(c.iter().map(|p| p.cells.len()).sum::<usize>(), 10_000);
+        // Each chunk's cells name their values through its own table.
+        // in grain order across chunks.
+        let keyword = "k".repeat(200);
+        let mut ips = Vec::new();
+        for p in &c {
+            assert_eq!(p.strings.iter().filter(|s| **s == keyword).count(), 1);
+            for j in 0..p.cells.len() {
+                let v = p.values(j).expect("in the table");
+                assert_eq!((v[0].as_str(), v[2].as_str()), ("c", keyword.as_str()));
+                ips.push(v[4].clone());
+            }
+        }
+        let mut want: Vec<String> = (0..10_000)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        want.sort();
+        assert_eq!(ips, want);
     }
 
     #[test]
     fn the_rollup_sums_every_chunk_once() {
         let mut interner = Interner::default();
         let mut out = Vec::new();
-        let w = big_window(&mut interner, 3_000);
+        let w = big_window(&mut interner, 10_000);
         partials_of(&mut interner, w, &mut out);
         let ps = partials(out);
         let cfg = EngineConfig::default();
@@ -542,8 +621,16 @@ mod tests {
             r.on_record(&bytes).expect("a partial");
         }
         // A replayed chunk (aborted copy) is dropped.
-        r.on_partial(0, ps[1].clone());
+        r.on_partial(0, ps[1].clone()).expect("a replayed chunk");
         assert_eq!(r.rollup_stats().replayed_partials, 1);
+        // A cell naming a string its table lacks, and the text layout of
+        // an older version, are refused without touching the state.
+        let mut bad = ps[2].clone();
+        bad.chunk += 100;
+        bad.cells[0].0[1] = bad.strings.len() as u32;
+        assert!(r.on_partial(0, bad).is_err());
+        assert!(r.on_record(&PartialMessage::TextCells.encode()).is_err());
+        assert_eq!(r.rollup_stats().partials as usize, ps.len());
         assert!(r.on_record(&[1, 2, 3]).is_err());
         let mark = Mark {
             watermark: 60_000,
@@ -560,13 +647,13 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(rows.len(), 3_001);
+        assert_eq!(rows.len(), 10_001);
         let c: i64 = rows
             .iter()
             .filter(|m| m.campaign_id == "c")
             .map(|m| m.cost_micros)
             .sum();
-        assert_eq!(c, (0..3_000i64).sum::<i64>());
+        assert_eq!(c, (0..10_000i64).sum::<i64>());
         assert_eq!(r.interned_strings(), 0);
     }
 }
