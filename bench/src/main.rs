@@ -46,7 +46,7 @@ use adstream_producer::encode::{encode_payload, encoded_records, SchemaIds};
 use adstream_producer::generator::{Generator, GeneratorConfig, InputTopic};
 use adstream_producer::partitioner::partition_for;
 use adstream_producer::{RunOptions, Target};
-use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Click, Codec, Conversion, Impression};
+use adstream_schemas::{AnomalyAlert, CampaignCtr, Click, Codec, Conversion, Impression};
 
 /// Measure adstream against the hardware and against a plain consumer.
 #[derive(Parser, Debug)]
@@ -181,7 +181,15 @@ fn encode_outputs(outputs: impl Iterator<Item = Output>, buf: &mut Vec<u8>) -> u
     let mut n = 0;
     for o in outputs {
         let ok = match &o {
-            Output::AdMetric(m) => Codec::encode_with_id::<AdMetric>(4, m, buf).is_ok(),
+            Output::AdMetrics(rows) => {
+                let _ = rows.try_for_each(|r| {
+                    Codec::frame_with_id(4, buf);
+                    r.write_body(buf);
+                    n += 1;
+                    Ok::<(), ()>(())
+                });
+                false
+            }
             Output::CampaignCtr(m) => Codec::encode_with_id::<CampaignCtr>(5, m, buf).is_ok(),
             Output::Alert(a) => Codec::encode_with_id::<AnomalyAlert>(6, a, buf).is_ok(),
             Output::Partial(p) => {

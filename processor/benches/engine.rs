@@ -83,10 +83,13 @@ fn run(records: &[EncodedRecord]) -> usize {
     let mut rows = 0;
     for r in records {
         for o in fed.push(r) {
-            if let Output::AdMetric(m) = o {
-                if Codec::encode_with_id::<AdMetric>(4, &m, &mut buf).is_ok() {
+            if let Output::AdMetrics(batch) = o {
+                let _ = batch.try_for_each(|m| {
+                    Codec::frame_with_id(4, &mut buf);
+                    m.write_body(&mut buf);
                     rows += 1;
-                }
+                    Ok::<(), ()>(())
+                });
             }
         }
     }
@@ -119,7 +122,7 @@ fn benches(c: &mut Criterion) {
     let mut fed = Fed::new();
     let row = records.iter().find_map(|r| {
         fed.push(r).into_iter().find_map(|o| match o {
-            Output::AdMetric(m) => Some(m),
+            Output::AdMetrics(rows) => rows.to_vec().into_iter().next(),
             _ => None,
         })
     });

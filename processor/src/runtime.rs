@@ -1623,15 +1623,17 @@ fn produce_output(
     now_ms: i64,
 ) -> Result<(), RuntimeError> {
     match out {
-        Output::AdMetric(row) => send_result(
-            producer,
-            buf,
-            &topics.ad_metrics,
-            ids.ad_metric,
-            &row.campaign_id,
-            row.window_start,
-            &row,
-        ),
+        Output::AdMetrics(rows) => rows.try_for_each(|row| {
+            Codec::frame_with_id(ids.ad_metric, buf);
+            row.write_body(buf);
+            send(
+                producer,
+                BaseRecord::to(&topics.ad_metrics)
+                    .key(row.campaign_id.as_bytes())
+                    .payload(&buf[..])
+                    .timestamp(row.window_start),
+            )
+        }),
         Output::CampaignCtr(row) => send_result(
             producer,
             buf,

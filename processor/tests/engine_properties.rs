@@ -301,19 +301,21 @@ fn collect(outputs: Vec<Output>) -> Result {
     let mut res = Result::default();
     for o in outputs {
         match o {
-            Output::AdMetric(m) => {
-                let dims = format!("{}|{}|{}", m.campaign_id, m.ad_id, m.ip_range);
-                res.ad_metrics.insert(row(
-                    m.window_start,
-                    &dims,
-                    [
-                        m.impressions,
-                        m.clicks,
-                        m.conversions,
-                        m.cost_micros,
-                        m.revenue_micros,
-                    ],
-                ));
+            Output::AdMetrics(rows) => {
+                for m in rows.to_vec() {
+                    let dims = format!("{}|{}|{}", m.campaign_id, m.ad_id, m.ip_range);
+                    res.ad_metrics.insert(row(
+                        m.window_start,
+                        &dims,
+                        [
+                            m.impressions,
+                            m.clicks,
+                            m.conversions,
+                            m.cost_micros,
+                            m.revenue_micros,
+                        ],
+                    ));
+                }
             }
             Output::CampaignCtr(m) => {
                 res.campaigns.insert(row(

@@ -234,13 +234,19 @@ impl Codec {
         value: &T,
         out: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
-        out.clear();
-        out.push(MAGIC_BYTE);
-        out.extend_from_slice(&id.to_be_bytes());
+        Self::frame_with_id(id, out);
         value.write_body(out).map_err(|reason| CodecError::Encode {
             record: T::FULL_NAME,
             reason,
         })
+    }
+
+    /// Starts `out` (cleared) with the framing of schema `id`; the caller
+    /// appends the body (e.g. [`AdMetricRef::write_body`](crate::records::AdMetricRef::write_body)).
+    pub fn frame_with_id(id: u32, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(MAGIC_BYTE);
+        out.extend_from_slice(&id.to_be_bytes());
     }
 
     /// Encodes `value` for `topic`, which must have been [`register`](Codec::register)ed.

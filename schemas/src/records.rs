@@ -258,6 +258,58 @@ avro_record!(
     "ad_metric.avsc",
     // One row per grain and window: the processor's most written record.
     fn write_body(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        self.as_ref().write_body(out);
+        Ok(())
+    }
+);
+
+/// An [`AdMetric`] borrowing its strings: what the processor writes its
+/// rows as, from one string table per window instead of six strings per row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdMetricRef<'a> {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub campaign_id: &'a str,
+    pub ad_id: &'a str,
+    pub search_keyword: &'a str,
+    pub state: &'a str,
+    pub ip_range: &'a str,
+    pub device_type: &'a str,
+    pub impressions: i64,
+    pub clicks: i64,
+    pub conversions: i64,
+    pub cost_micros: i64,
+    pub revenue_micros: i64,
+    pub ctr: Option<f64>,
+    pub conversion_rate: Option<f64>,
+}
+
+impl AdMetric {
+    pub fn as_ref(&self) -> AdMetricRef<'_> {
+        AdMetricRef {
+            window_start: self.window_start,
+            window_end: self.window_end,
+            campaign_id: &self.campaign_id,
+            ad_id: &self.ad_id,
+            search_keyword: &self.search_keyword,
+            state: &self.state,
+            ip_range: &self.ip_range,
+            device_type: &self.device_type,
+            impressions: self.impressions,
+            clicks: self.clicks,
+            conversions: self.conversions,
+            cost_micros: self.cost_micros,
+            revenue_micros: self.revenue_micros,
+            ctr: self.ctr,
+            conversion_rate: self.conversion_rate,
+        }
+    }
+}
+
+impl AdMetricRef<'_> {
+    /// The Avro binary body of the row ([`AdMetric`]'s schema), appended
+    /// to `out`: the direct writer [`AdMetric`]'s `write_body` uses.
+    pub fn write_body(&self, out: &mut Vec<u8>) {
         use avro_binary::{long, optional_double, string};
         out.reserve(
             64 + self.campaign_id.len()
@@ -269,12 +321,12 @@ avro_record!(
         );
         long(out, self.window_start);
         long(out, self.window_end);
-        string(out, &self.campaign_id);
-        string(out, &self.ad_id);
-        string(out, &self.search_keyword);
-        string(out, &self.state);
-        string(out, &self.ip_range);
-        string(out, &self.device_type);
+        string(out, self.campaign_id);
+        string(out, self.ad_id);
+        string(out, self.search_keyword);
+        string(out, self.state);
+        string(out, self.ip_range);
+        string(out, self.device_type);
         long(out, self.impressions);
         long(out, self.clicks);
         long(out, self.conversions);
@@ -282,9 +334,28 @@ avro_record!(
         long(out, self.revenue_micros);
         optional_double(out, self.ctr);
         optional_double(out, self.conversion_rate);
-        Ok(())
     }
-);
+
+    pub fn to_owned(&self) -> AdMetric {
+        AdMetric {
+            window_start: self.window_start,
+            window_end: self.window_end,
+            campaign_id: self.campaign_id.to_owned(),
+            ad_id: self.ad_id.to_owned(),
+            search_keyword: self.search_keyword.to_owned(),
+            state: self.state.to_owned(),
+            ip_range: self.ip_range.to_owned(),
+            device_type: self.device_type.to_owned(),
+            impressions: self.impressions,
+            clicks: self.clicks,
+            conversions: self.conversions,
+            cost_micros: self.cost_micros,
+            revenue_micros: self.revenue_micros,
+            ctr: self.ctr,
+            conversion_rate: self.conversion_rate,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignCtr {

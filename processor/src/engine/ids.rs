@@ -398,6 +398,11 @@ impl Interner {
         [s(0), s(1), s(2), s(3), ip.as_str(), s(5)]
     }
 
+    /// An upper bound of the string ids in use (for tables indexed by id).
+    pub fn id_bound(&self) -> usize {
+        self.values.len()
+    }
+
     pub fn string(&self, id: u32) -> &str {
         &self.values[id as usize]
     }

@@ -29,7 +29,7 @@ pub mod windows;
 
 use adstream_schemas::codec::WriterCache;
 use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
-use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
+use adstream_schemas::{AnomalyAlert, CampaignCtr, Codec, CodecError};
 use serde::{Deserialize, Serialize};
 
 use anomaly::{AnomalyConfig, AnomalyDetector};
@@ -84,7 +84,8 @@ pub enum SideKind {
 /// Something the engine wants written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    AdMetric(AdMetric),
+    /// A closed window's ad-metrics rows.
+    AdMetrics(rollup::AdMetricRows),
     CampaignCtr(CampaignCtr),
     Alert(AnomalyAlert),
     /// A join task's final cells of a window for one campaign (task mode).

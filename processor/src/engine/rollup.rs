@@ -40,6 +40,7 @@
 use serde::{Deserialize, Serialize};
 
 use adstream_schemas::records::rate;
+use adstream_schemas::records::AdMetricRef;
 use adstream_schemas::{AdMetric, CampaignCtr};
 
 use super::anomaly::{AnomalyDetector, CampaignWindow};
@@ -163,6 +164,95 @@ impl Partial {
     }
 }
 
+/// A closed window's ad-metrics rows in grain order, their strings once in
+/// a table: a window has about a row per impression, and six owned strings
+/// per row were a tenth of the engine's time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdMetricRows {
+    pub window_start: i64,
+    pub window_end: i64,
+    strings: Vec<Box<str>>,
+    /// Grains in `strings`' numbering, with their measures.
+    cells: Vec<(GrainId, Measures)>,
+}
+
+impl AdMetricRows {
+    fn new(interner: &Interner, start: i64, end: i64, cells: &[(GrainId, Measures)]) -> Self {
+        let mut index = vec![u32::MAX; interner.id_bound()];
+        let mut strings = Vec::new();
+        let cells = cells
+            .iter()
+            .map(|(g, m)| {
+                let g = ids::map_strings(*g, |id| {
+                    let slot = &mut index[id as usize];
+                    if *slot == u32::MAX {
+                        *slot = strings.len() as u32;
+                        strings.push(interner.string(id).into());
+                    }
+                    *slot
+                });
+                (g, *m)
+            })
+            .collect();
+        AdMetricRows {
+            window_start: start,
+            window_end: end,
+            strings,
+            cells,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// Calls `f` with each row, in order, borrowing from the table.
+    pub fn try_for_each<E>(
+        &self,
+        mut f: impl FnMut(&AdMetricRef<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut ip = String::new();
+        for (g, m) in &self.cells {
+            // The table was built with every string the cells name.
+            let s = |id: u32| Some(&*self.strings[id as usize]);
+            let [campaign_id, ad_id, search_keyword, state, ip_range, device_type] =
+                ids::values_in(*g, s, &mut ip).unwrap_or([""; 6]);
+            f(&AdMetricRef {
+                window_start: self.window_start,
+                window_end: self.window_end,
+                campaign_id,
+                ad_id,
+                search_keyword,
+                state,
+                ip_range,
+                device_type,
+                impressions: m.impressions,
+                clicks: m.clicks,
+                conversions: m.conversions,
+                cost_micros: m.cost_micros,
+                revenue_micros: m.revenue_micros,
+                ctr: rate(m.clicks, m.impressions),
+                conversion_rate: rate(m.conversions, m.clicks),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The rows as owned records (tests, tools).
+    pub fn to_vec(&self) -> Vec<AdMetric> {
+        let mut out = Vec::with_capacity(self.len());
+        let _ = self.try_for_each(|r| {
+            out.push(r.to_owned());
+            Ok::<(), ()>(())
+        });
+        out
+    }
+}
+
 /// Emits one closed window: its ad-metrics rows in grain order, then per
 /// campaign its campaign-ctr row followed by the alerts it opens.
 ///
@@ -188,31 +278,10 @@ pub(crate) fn emit_window(
             _ => campaigns.push((c, *m)),
         }
     }
-    // Rows, campaign rows and (rare) alerts: grow the output buffer once,
-    // not by doubling a large buffer of large values.
-    outputs.reserve(cells.len() + 2 * campaigns.len() + 4);
-    let mut ip = String::new();
-    for (g, m) in &cells {
-        let v = interner.values(*g, &mut ip);
-        stats.ad_metric_rows += 1;
-        outputs.push(Output::AdMetric(AdMetric {
-            window_start: w.start,
-            window_end: w.end,
-            campaign_id: v[0].to_owned(),
-            ad_id: v[1].to_owned(),
-            search_keyword: v[2].to_owned(),
-            state: v[3].to_owned(),
-            ip_range: v[4].to_owned(),
-            device_type: v[5].to_owned(),
-            impressions: m.impressions,
-            clicks: m.clicks,
-            conversions: m.conversions,
-            cost_micros: m.cost_micros,
-            revenue_micros: m.revenue_micros,
-            ctr: rate(m.clicks, m.impressions),
-            conversion_rate: rate(m.conversions, m.clicks),
-        }));
-    }
+    stats.ad_metric_rows += cells.len() as u64;
+    outputs.push(Output::AdMetrics(AdMetricRows::new(
+        interner, w.start, w.end, &cells,
+    )));
     for (campaign, m) in campaigns {
         let campaign = interner.string(campaign);
         stats.campaign_rows += 1;
@@ -642,9 +711,9 @@ mod tests {
         let rows: Vec<AdMetric> = r
             .take_outputs()
             .into_iter()
-            .filter_map(|o| match o {
-                Output::AdMetric(m) => Some(m),
-                _ => None,
+            .flat_map(|o| match o {
+                Output::AdMetrics(rows) => rows.to_vec(),
+                _ => Vec::new(),
             })
             .collect();
         assert_eq!(rows.len(), 10_001);

@@ -1,7 +1,7 @@
 //! Rule-by-rule tests of the engine against CONTRACT.md, boundaries included.
 
 use super::*;
-use adstream_schemas::{Click, Conversion, Impression};
+use adstream_schemas::{AdMetric, Click, Conversion, Impression};
 use std::collections::BTreeMap;
 
 const MIN: i64 = 60_000;
@@ -123,13 +123,14 @@ impl Harness {
         ));
     }
 
-    fn rows(&self) -> Vec<&AdMetric> {
+    fn rows(&self) -> Vec<AdMetric> {
         self.outputs
             .iter()
-            .filter_map(|o| match o {
-                Output::AdMetric(m) if m.campaign_id != "filler" => Some(m),
-                _ => None,
+            .flat_map(|o| match o {
+                Output::AdMetrics(rows) => rows.to_vec(),
+                _ => Vec::new(),
             })
+            .filter(|m| m.campaign_id != "filler")
             .collect()
     }
 
@@ -168,7 +169,7 @@ fn impression_click_conversion_roll_up_into_one_window() {
     h.advance_all_to(MIN + 5_000);
     let rows = h.rows();
     assert_eq!(rows.len(), 1);
-    let r = rows[0];
+    let r = &rows[0];
     assert_eq!((r.window_start, r.window_end), (0, MIN));
     assert_eq!((r.impressions, r.clicks, r.conversions), (2, 1, 1));
     assert_eq!(r.cost_micros, 2 * 100 + 1_000);
