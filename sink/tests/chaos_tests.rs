@@ -269,6 +269,16 @@ fn broker_hides_aborted(stack: &Stack, prefix: &str) -> bool {
         .any(|r| r.value.as_deref() == Some(&b"aborted"[..]))
 }
 
+/// How long after a kill its replacement starts (or, at scale-in, the dead
+/// ids are fenced). Requests the killed process had already sent may still
+/// be queued in the broker: a replacement that starts before they are
+/// handled can be overtaken by them. Apache Kafka rejects them (their
+/// producer epoch is fenced); tansu seemed to append them after the abort
+/// marker as a transaction nobody ends, which froze the last stable offset
+/// of a partials partition for good in one run under load (a hypothesis
+/// from that run's logs, not proven). Real replacements take seconds.
+const REPLACEMENT_DELAY: Duration = Duration::from_secs(2);
+
 /// Aborts whatever transaction the processor instances `ids` left open, as a
 /// replacement instance under the same id does when it starts
 /// (InitProducerId fences the old epoch and aborts its transaction).
@@ -460,6 +470,7 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             // tansu did not within minutes (measured: read_committed readers
             // of the sink and the rollups stalled), so the test fences the
             // dead ids as a replacement instance would.
+            std::thread::sleep(REPLACEMENT_DELAY);
             fence_instances(&stack, &format!("{prefix}processor"), &[1, 2]);
             continue;
         }
@@ -477,6 +488,7 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             inst.started.elapsed().as_secs_f64()
         );
         let before = loaded();
+        std::thread::sleep(REPLACEMENT_DELAY);
         let t_restart = Instant::now();
         cluster.spawn(id);
         let log = cluster.live[&id].log.clone();
