@@ -380,24 +380,6 @@ impl Interner {
         g[CAMPAIGN]
     }
 
-    /// Writes a grain's IP range text into `out` (cleared first).
-    pub fn ip_range_into(&self, g: GrainId, out: &mut String) {
-        out.clear();
-        match g[IP] {
-            0 => {}
-            code if code & IP_TEXT != 0 => out.push_str(&self.values[(code & !IP_TEXT) as usize]),
-            code => write_v4_range(code, out),
-        }
-    }
-
-    /// A grain's dimension values in grain order (campaign, ad, keyword,
-    /// state, ip range, device); the IP range is written into `ip`.
-    pub fn values<'a>(&'a self, g: GrainId, ip: &'a mut String) -> [&'a str; 6] {
-        self.ip_range_into(g, ip);
-        let s = |d: usize| &*self.values[g[d] as usize];
-        [s(0), s(1), s(2), s(3), ip.as_str(), s(5)]
-    }
-
     /// An upper bound of the string ids in use (for tables indexed by id).
     pub fn id_bound(&self) -> usize {
         self.values.len()
@@ -467,10 +449,11 @@ impl Interner {
         u128::from_be_bytes(b)
     }
 
-    /// The dimension values of a grain.
+    /// The dimension values of a live grain (tests, debugging).
     pub fn resolve(&self, g: GrainId) -> Grain {
         let mut ip = String::new();
-        let v = self.values(g, &mut ip);
+        let table = |id: u32| self.values.get(id as usize).map(|v| &**v);
+        let v = values_in(g, table, &mut ip).unwrap_or([""; 6]);
         Grain {
             campaign_id: v[0].into(),
             ad_id: v[1].into(),
