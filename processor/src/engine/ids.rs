@@ -238,6 +238,48 @@ pub fn map_strings(g: GrainId, mut f: impl FnMut(u32) -> u32) -> GrainId {
     })
 }
 
+/// The interner's strings renumbered for one batch that carries its own
+/// string table (a window's rows, a partials record): numbered in order of
+/// first use, so the batch holds each string once.
+pub struct BatchStrings {
+    /// Batch number by interner id (`u32::MAX`: not in this batch).
+    index: Vec<u32>,
+    /// Interner ids in batch order.
+    used: Vec<u32>,
+}
+
+impl BatchStrings {
+    /// A numbering for grains of `interner` as it is now (it may release
+    /// strings meanwhile, but not intern new ones).
+    pub fn new(interner: &Interner) -> Self {
+        BatchStrings {
+            index: vec![u32::MAX; interner.values.len()],
+            used: Vec::new(),
+        }
+    }
+
+    /// `g` in this batch's numbering; `added` is called with the interner
+    /// id of each string the batch did not have yet, in batch order.
+    pub fn renumber(&mut self, g: GrainId, mut added: impl FnMut(u32)) -> GrainId {
+        map_strings(g, |id| {
+            let slot = &mut self.index[id as usize];
+            if *slot == u32::MAX {
+                *slot = self.used.len() as u32;
+                self.used.push(id);
+                added(id);
+            }
+            *slot
+        })
+    }
+
+    /// Starts a new batch.
+    pub fn clear(&mut self) {
+        for id in self.used.drain(..) {
+            self.index[id as usize] = u32::MAX;
+        }
+    }
+}
+
 /// The dimension values of `g` with its strings looked up in `table` (the
 /// IP range is written into `ip`); `None` if `table` lacks one or the IP
 /// code is out of range.
@@ -378,11 +420,6 @@ impl Interner {
     /// The campaign of a grain, as its interned string id.
     pub fn campaign_of(&self, g: GrainId) -> u32 {
         g[CAMPAIGN]
-    }
-
-    /// An upper bound of the string ids in use (for tables indexed by id).
-    pub fn id_bound(&self) -> usize {
-        self.values.len()
     }
 
     pub fn string(&self, id: u32) -> &str {

@@ -44,7 +44,7 @@ use adstream_schemas::records::AdMetricRef;
 use adstream_schemas::{AdMetric, CampaignCtr};
 
 use super::anomaly::{AnomalyDetector, CampaignWindow};
-use super::ids::{self, GrainId, Interner};
+use super::ids::{self, BatchStrings, GrainId, Interner};
 use super::windows::{ClosedWindow, Measures, WindowStore};
 use super::{EngineConfig, EngineStats, Output};
 
@@ -178,19 +178,12 @@ pub struct AdMetricRows {
 
 impl AdMetricRows {
     fn new(interner: &Interner, start: i64, end: i64, cells: &[(GrainId, Measures)]) -> Self {
-        let mut index = vec![u32::MAX; interner.id_bound()];
+        let mut table = BatchStrings::new(interner);
         let mut strings = Vec::new();
         let cells = cells
             .iter()
             .map(|(g, m)| {
-                let g = ids::map_strings(*g, |id| {
-                    let slot = &mut index[id as usize];
-                    if *slot == u32::MAX {
-                        *slot = strings.len() as u32;
-                        strings.push(interner.string(id).into());
-                    }
-                    *slot
-                });
+                let g = table.renumber(*g, |id| strings.push(interner.string(id).into()));
                 (g, *m)
             })
             .collect();
@@ -329,8 +322,7 @@ const CELL_BYTES: usize = 6 * 4 + 5 * 8;
 pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
     let mut cells = w.cells;
     interner.sort_cells(&mut cells);
-    // Index in the current chunk's table, by interned string id.
-    let mut index: hashbrown::HashMap<u32, u32> = hashbrown::HashMap::new();
+    let mut table = BatchStrings::new(interner);
     let mut current: Option<(Partial, usize)> = None;
     for (g, m) in cells {
         let campaign = interner.campaign_of(g);
@@ -346,7 +338,7 @@ pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Ve
             if let Some((done, _)) = current.take() {
                 out.push(Output::Partial(done));
             }
-            index.clear();
+            table.clear();
             current = Some((
                 Partial {
                     window_start: w.start,
@@ -362,13 +354,10 @@ pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Ve
         let Some((c, bytes)) = current.as_mut() else {
             continue;
         };
-        let cell = ids::map_strings(g, |id| {
-            *index.entry(id).or_insert_with(|| {
-                let s = interner.string(id);
-                *bytes += 8 + s.len();
-                c.strings.push(s.to_owned());
-                (c.strings.len() - 1) as u32
-            })
+        let cell = table.renumber(g, |id| {
+            let s = interner.string(id);
+            *bytes += 8 + s.len();
+            c.strings.push(s.to_owned());
         });
         *bytes += CELL_BYTES;
         c.cells.push((cell, m));
