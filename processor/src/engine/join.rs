@@ -20,6 +20,7 @@
 //! its partner if the partner is on time too, which is what makes the join a
 //! function of the input alone (the horizons above are the proof).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use hashbrown::{HashMap, HashSet, HashTable};
@@ -111,21 +112,33 @@ fn entry_slot(e: u64) -> u32 {
     (e >> 32) as u32
 }
 
+/// An index entry's hash, from the id bits it keeps (growing the table
+/// reads no slot).
+fn entry_hash(e: &u64) -> u64 {
+    index_hash(*e as u32)
+}
+
+/// The number of slot `i` of chunk `c`.
+fn slot_number(c: usize, i: usize) -> u32 {
+    (c * SLOT_CHUNK + i) as u32
+}
+
 /// Serialized form of a [`HeldById`]: slots, free list and bucket counts
-/// (the index is rebuilt on load).
+/// (the index is rebuilt on load). Borrowed when written, so a checkpoint
+/// copies none of them.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct HeldData<S> {
-    slots: S,
-    free: Vec<u32>,
-    counts: BTreeMap<i64, u32>,
+struct HeldData<'a> {
+    slots: Cow<'a, [Vec<Held>]>,
+    free: Cow<'a, [u32]>,
+    counts: Cow<'a, BTreeMap<i64, u32>>,
 }
 
 impl serde::Serialize for HeldById {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         HeldData {
-            slots: &self.slots,
-            free: self.free.clone(),
-            counts: self.counts.clone(),
+            slots: Cow::Borrowed(&self.slots),
+            free: Cow::Borrowed(&self.free),
+            counts: Cow::Borrowed(&self.counts),
         }
         .serialize(s)
     }
@@ -133,28 +146,28 @@ impl serde::Serialize for HeldById {
 
 impl<'de> serde::Deserialize<'de> for HeldById {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let data = HeldData::<Vec<Vec<Held>>>::deserialize(d)?;
+        let data = HeldData::deserialize(d)?;
         let mut h = HeldById {
             index: HashTable::new(),
-            slots: data.slots,
-            free: data.free,
-            counts: data.counts,
+            slots: data.slots.into_owned(),
+            free: data.free.into_owned(),
+            counts: data.counts.into_owned(),
         };
         let live = h.slots.iter().flatten().filter(|r| r.t != FREE).count();
-        h.index.reserve(live, |&e| index_hash(e as u32));
+        h.index.reserve(live, entry_hash);
         for (c, chunk) in h.slots.iter().enumerate() {
             for (i, r) in chunk.iter().enumerate() {
                 if r.t != FREE {
-                    let slot = (c * SLOT_CHUNK + i) as u32;
-                    h.index
-                        .insert_unique(index_hash(r.id as u32), index_entry(slot, r.id), |&e| {
-                            index_hash(e as u32)
-                        });
+                    index_insert(&mut h.index, slot_number(c, i), r.id);
                 }
             }
         }
         Ok(h)
     }
+}
+
+fn index_insert(index: &mut HashTable<u64>, slot: u32, id: IdKey) {
+    index.insert_unique(index_hash(id as u32), index_entry(slot, id), entry_hash);
 }
 
 impl HeldById {
@@ -208,13 +221,10 @@ impl HeldById {
                 }
                 let c = self.slots.len() - 1;
                 self.slots[c].push(held);
-                (c * SLOT_CHUNK + self.slots[c].len() - 1) as u32
+                slot_number(c, self.slots[c].len() - 1)
             }
         };
-        self.index
-            .insert_unique(index_hash(held.id as u32), index_entry(s, held.id), |&e| {
-                index_hash(e as u32)
-            });
+        index_insert(&mut self.index, s, held.id);
     }
 
     /// Event time and grain of the held record `id`.
@@ -243,7 +253,7 @@ impl HeldById {
                 if h.t == FREE || h.t >= below {
                     continue;
                 }
-                let slot = (c * SLOT_CHUNK + i) as u32;
+                let slot = slot_number(c, i);
                 if let Ok(e) = self
                     .index
                     .find_entry(index_hash(h.id as u32), |&e| entry_slot(e) == slot)
