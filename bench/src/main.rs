@@ -110,7 +110,7 @@ struct Args {
 /// Runs an in-process figure in a fresh copy of this process, so that no
 /// figure sees memory another one allocated, freed and left resident (that
 /// made the state figure look smaller and the engine's warm-up cheaper).
-fn in_fresh_process(phase: &str) -> anyhow::Result<serde_json::Value> {
+fn in_fresh_process<T: serde::de::DeserializeOwned>(phase: &str) -> anyhow::Result<T> {
     let exe = std::env::current_exe().context("locating the benchmark binary")?;
     let out = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
@@ -124,13 +124,6 @@ fn in_fresh_process(phase: &str) -> anyhow::Result<serde_json::Value> {
         out.status
     );
     serde_json::from_slice(&out.stdout).with_context(|| format!("reading the {phase} figure"))
-}
-
-/// Field `k` of a figure printed by [`in_fresh_process`].
-fn field(v: &serde_json::Value, k: &str) -> anyhow::Result<f64> {
-    v.get(k)
-        .and_then(serde_json::Value::as_f64)
-        .with_context(|| format!("figure field {k} missing"))
 }
 
 /// CPU time spent so far on `clock` (a thread or the whole process).
@@ -185,10 +178,10 @@ fn encode_outputs(outputs: impl Iterator<Item = Output>, buf: &mut Vec<u8>) -> u
                 let _ = rows.try_for_each(|r| {
                     Codec::frame_with_id(4, buf);
                     r.write_body(buf);
-                    n += 1;
                     Ok::<(), ()>(())
                 });
-                false
+                n += rows.len() as u64;
+                continue;
             }
             Output::CampaignCtr(m) => Codec::encode_with_id::<CampaignCtr>(5, m, buf).is_ok(),
             Output::Alert(a) => Codec::encode_with_id::<AnomalyAlert>(6, a, buf).is_ok(),
@@ -210,6 +203,7 @@ fn encode_outputs(outputs: impl Iterator<Item = Output>, buf: &mut Vec<u8>) -> u
     n
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct EngineFigure {
     /// Events and CPU time of the measured (second) half.
     events: u64,
@@ -273,6 +267,7 @@ fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
     })
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct StateFigure {
     bytes_per_impression: f64,
     buffered: u64,
@@ -658,18 +653,12 @@ fn main() -> anyhow::Result<()> {
     match args.phase.as_deref() {
         Some("engine") => {
             let e = bench_engine(args.engine_events, args.partitions)?;
-            println!(
-                "{}",
-                serde_json::json!({"events": e.events, "cpu_s": e.cpu_s, "cold_events": e.cold_events, "cold_cpu_s": e.cold_cpu_s, "outputs": e.outputs})
-            );
+            println!("{}", serde_json::to_string(&e)?);
             return Ok(());
         }
         Some("state") => {
             let st = bench_state(args.state_impressions, args.partitions)?;
-            println!(
-                "{}",
-                serde_json::json!({"bytes_per_impression": st.bytes_per_impression, "buffered": st.buffered, "checkpoint_bytes": st.checkpoint_bytes, "checkpoint_s": st.checkpoint_s, "restore_s": st.restore_s})
-            );
+            println!("{}", serde_json::to_string(&st)?);
             return Ok(());
         }
         Some(other) => anyhow::bail!("unknown phase {other} (engine or state)"),
@@ -681,14 +670,7 @@ fn main() -> anyhow::Result<()> {
 
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     if wanted("state") {
-        let v = in_fresh_process("state")?;
-        let st = StateFigure {
-            bytes_per_impression: field(&v, "bytes_per_impression")?,
-            buffered: field(&v, "buffered")? as u64,
-            checkpoint_bytes: field(&v, "checkpoint_bytes")? as usize,
-            checkpoint_s: field(&v, "checkpoint_s")?,
-            restore_s: field(&v, "restore_s")?,
-        };
+        let st: StateFigure = in_fresh_process("state")?;
         eprintln!(
             "state: {} impressions buffered, {:.1} resident bytes each",
             st.buffered, st.bytes_per_impression
@@ -707,14 +689,7 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     if wanted("engine") {
-        let v = in_fresh_process("engine")?;
-        let e = EngineFigure {
-            events: field(&v, "events")? as u64,
-            cpu_s: field(&v, "cpu_s")?,
-            cold_events: field(&v, "cold_events")? as u64,
-            cold_cpu_s: field(&v, "cold_cpu_s")?,
-            outputs: field(&v, "outputs")? as u64,
-        };
+        let e: EngineFigure = in_fresh_process("engine")?;
         let engine_rate = e.events as f64 / e.cpu_s;
         let cold_rate = e.cold_events as f64 / e.cold_cpu_s;
         eprintln!(
