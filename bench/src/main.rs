@@ -319,7 +319,7 @@ fn bench_state(impressions: u64, partitions: i32) -> anyhow::Result<StateFigure>
         );
         offset += 1;
         if engine.has_outputs() {
-            drop(engine.take_outputs());
+            drop(engine.drain_outputs());
         }
         if engine.join_sizes().impressions as u64 >= impressions {
             break;

@@ -761,7 +761,7 @@ impl Shell<'_> {
         task.last_record[ti] = Instant::now();
         if task.replay_to.is_some() {
             // Committed before the restart: suppressed.
-            drop(task.engine.take_outputs());
+            drop(task.engine.drain_outputs());
             if task.replay_done() {
                 self.finish_join_replay(partition)?;
             }
@@ -775,7 +775,7 @@ impl Shell<'_> {
         let Some(task) = self.joins.get_mut(&partition) else {
             return Ok(());
         };
-        drop(task.engine.take_outputs());
+        drop(task.engine.drain_outputs());
         task.replay_to = None;
         let held = std::mem::take(&mut task.held);
         let mut tpl = TopicPartitionList::new();
@@ -823,7 +823,7 @@ impl Shell<'_> {
         if let Some(to) = task.replay_to {
             if offset >= to {
                 task.replay_to = None;
-                drop(task.rollup.take_outputs());
+                drop(task.rollup.drain_outputs());
                 tracing::info!(task = %task.name(), position = task.next, "rollup task caught up with its committed offset");
             }
         }
@@ -835,7 +835,7 @@ impl Shell<'_> {
         task.next = offset + 1;
         task.last_record = Instant::now();
         if let Some(to) = task.replay_to {
-            drop(task.rollup.take_outputs());
+            drop(task.rollup.drain_outputs());
             if task.next >= to {
                 task.replay_to = None;
                 tracing::info!(task = %task.name(), position = task.next, "rollup task caught up with its committed offset");
