@@ -248,8 +248,8 @@ fn bench_engine(events: u64, partitions: i32) -> anyhow::Result<EngineFigure> {
                 partition: r.partition,
                 offset: *offset,
             },
-            Some(&r.key),
-            Some(&r.value),
+            Some(r.key),
+            Some(r.value),
             None,
         );
         *offset += 1;

@@ -16,13 +16,15 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use adstream_processor::engine::watermark::InputPartition;
 use adstream_processor::engine::{Engine, EngineConfig, Output, SourceRef};
-use adstream_producer::encode::{encoded_records, EncodedRecord, SchemaIds};
+use adstream_producer::encode::{encoded_records, EncodedRecord, EncodedRecords, SchemaIds};
 use adstream_producer::generator::GeneratorConfig;
+use adstream_schemas::codec::WriterCache;
+use adstream_schemas::records::ImpressionView;
 use adstream_schemas::{AdMetric, Codec, Impression};
 
 const PARTITIONS: i32 = 6;
 
-fn recorded(events: u64) -> Vec<EncodedRecord> {
+fn recorded(events: u64) -> EncodedRecords {
     let cfg = GeneratorConfig {
         seed: 11,
         event_rate: 500.0,
@@ -59,7 +61,7 @@ impl Fed {
     }
 
     /// Processes one record; returns the outputs it produced.
-    fn push(&mut self, r: &EncodedRecord) -> Vec<Output> {
+    fn push(&mut self, r: EncodedRecord<'_>) -> Vec<Output> {
         let offset = &mut self.offsets[r.topic as usize][r.partition as usize];
         self.engine.on_record(
             SourceRef {
@@ -67,8 +69,8 @@ impl Fed {
                 partition: r.partition,
                 offset: *offset,
             },
-            Some(&r.key),
-            Some(&r.value),
+            Some(r.key),
+            Some(r.value),
             None,
         );
         *offset += 1;
@@ -77,11 +79,11 @@ impl Fed {
 }
 
 /// Feeds `records` through a fresh engine, encoding every output row.
-fn run(records: &[EncodedRecord]) -> usize {
+fn run(records: &EncodedRecords) -> usize {
     let mut fed = Fed::new();
     let mut buf = Vec::with_capacity(512);
     let mut rows = 0;
-    for r in records {
+    for r in records.iter() {
         for o in fed.push(r) {
             if let Output::AdMetrics(batch) = o {
                 let _ = batch.try_for_each(|m| {
@@ -101,14 +103,24 @@ fn benches(c: &mut Criterion) {
     let input_codec = codec();
     let impression = records
         .iter()
-        .find(|r| r.topic == 0 && input_codec.decode_cached::<Impression>(&r.value).is_ok())
-        .map(|r| r.value.clone())
+        .find(|r| r.topic == 0 && input_codec.decode_cached::<Impression>(r.value).is_ok())
+        .map(|r| r.value.to_vec())
         .expect("the generator writes impressions");
 
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("impression", |b| {
         b.iter(|| input_codec.decode_cached::<Impression>(black_box(&impression)))
+    });
+    // As the engine reads it: borrowed, through its writer cache, by the
+    // direct reader of our own schema.
+    let mut writers = WriterCache::default();
+    g.bench_function("impression_view", |b| {
+        b.iter(|| {
+            input_codec
+                .decode_view_with::<ImpressionView>(&mut writers, black_box(&impression))
+                .is_ok()
+        })
     });
     g.finish();
 
@@ -137,7 +149,7 @@ fn benches(c: &mut Criterion) {
 
     // State as a task holds it mid-stream: half the records in.
     let mut half = Fed::new();
-    for r in &records[..records.len() / 2] {
+    for r in records.iter().take(records.len() / 2) {
         half.push(r);
     }
     let half = half.engine;

@@ -31,14 +31,63 @@ impl SchemaIds {
     }
 }
 
-/// A generated record as the producer sends it.
-#[derive(Debug, Clone)]
-pub struct EncodedRecord {
+/// A generated record as the producer sends it, borrowed from
+/// [`EncodedRecords`].
+#[derive(Debug, Clone, Copy)]
+pub struct EncodedRecord<'a> {
     /// Input topic, by [`InputTopic::index`](crate::generator::InputTopic::index).
     pub topic: u8,
     pub partition: i32,
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+/// Where one record's key and value sit in [`EncodedRecords`]' buffer.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    topic: u8,
+    partition: i32,
+    start: usize,
+    key_len: u32,
+    value_len: u32,
+}
+
+/// Encoded records in one buffer, each key followed by its value, in the
+/// order they were produced: laid out as a consumer finds them in a fetched
+/// record batch (one allocation per record instead would make every first
+/// read of a key a cache miss that no consumer pays).
+#[derive(Debug, Default)]
+pub struct EncodedRecords {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+impl EncodedRecords {
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<EncodedRecord<'_>> {
+        self.spans.get(i).map(|s| self.record(s))
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = EncodedRecord<'_>> + '_ {
+        self.spans.iter().map(|s| self.record(s))
+    }
+
+    fn record(&self, s: &Span) -> EncodedRecord<'_> {
+        let key_end = s.start + s.key_len as usize;
+        EncodedRecord {
+            topic: s.topic,
+            partition: s.partition,
+            key: &self.bytes[s.start..key_end],
+            value: &self.bytes[key_end..key_end + s.value_len as usize],
+        }
+    }
 }
 
 /// The first `events` records of `cfg`'s generator, encoded with `ids` and
@@ -50,20 +99,26 @@ pub fn encoded_records(
     events: u64,
     partitions: i32,
     ids: &SchemaIds,
-) -> Vec<EncodedRecord> {
-    let mut out = Vec::with_capacity(events as usize + events as usize / 8);
+) -> EncodedRecords {
+    let mut out = EncodedRecords {
+        bytes: Vec::new(),
+        spans: Vec::with_capacity(events as usize + events as usize / 8),
+    };
     let mut buf = Vec::new();
     for r in Generator::new(cfg, Some(events)) {
         if encode_payload(&r.payload, ids, &mut buf).is_err() {
             continue;
         }
-        let key = r.key.into_bytes();
-        out.push(EncodedRecord {
+        let key = r.key.as_bytes();
+        out.spans.push(Span {
             topic: r.topic.index() as u8,
-            partition: partition_for(&key, partitions),
-            key,
-            value: buf.clone(),
+            partition: partition_for(key, partitions),
+            start: out.bytes.len(),
+            key_len: key.len() as u32,
+            value_len: buf.len() as u32,
         });
+        out.bytes.extend_from_slice(key);
+        out.bytes.extend_from_slice(&buf);
     }
     out
 }

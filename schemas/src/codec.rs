@@ -112,6 +112,9 @@ struct WriterSchema {
     schema: serde_avro_fast::Schema,
     /// The schema as the registry gave it (for object container file headers).
     json: Arc<str>,
+    /// Whether this is exactly our own schema of the record (same Parsing
+    /// Canonical Form), so views can read it directly.
+    exact: bool,
 }
 
 /// Full name (`namespace.name`) of a record schema given as JSON text.
@@ -317,7 +320,11 @@ impl Codec {
                 &slot.insert((id, w)).1
             }
         };
-        decode_body::<V>(id, V::Record::FULL_NAME, writer, body)
+        // (A writer of another record goes the serde way, which names it.)
+        if !writer.exact || writer.full_name != V::Record::FULL_NAME {
+            return decode_body::<V>(id, V::Record::FULL_NAME, writer, body);
+        }
+        decode_exact(id, body)
     }
 
     /// Decodes a framed payload with its cached writer schema, which must be
@@ -443,10 +450,36 @@ fn parse_writer(id: u32, schema_json: &str) -> Result<WriterSchema, CodecError> 
             id,
             reason: e.to_string(),
         })?;
+    let exact = is_own_schema(&full_name, schema_json);
     Ok(WriterSchema {
         full_name,
         schema,
         json: Arc::from(schema_json),
+        exact,
+    })
+}
+
+/// Whether `schema_json` is our own schema of the input record `full_name`
+/// up to docs and defaults (same Parsing Canonical Form as apache-avro
+/// computes it, which keeps logical types: a writer that differs only
+/// there takes the serde path, which is merely slower).
+fn is_own_schema(full_name: &str, schema_json: &str) -> bool {
+    use crate::records::{Click, Conversion, Impression};
+    let own = [
+        Impression::SCHEMA_JSON,
+        Click::SCHEMA_JSON,
+        Conversion::SCHEMA_JSON,
+    ]
+    .into_iter()
+    .find(|json| record_full_name(json).as_deref() == Some(full_name));
+    let canonical = |json: &str| {
+        apache_avro::Schema::parse_str(json)
+            .ok()
+            .map(|s| s.canonical_form())
+    };
+    own.is_some_and(|own| {
+        let own = canonical(own);
+        own.is_some() && own == canonical(schema_json)
     })
 }
 
@@ -482,6 +515,20 @@ fn decode_body<'a, T: serde::Deserialize<'a>>(
         });
     }
     Ok(value)
+}
+
+/// Reads a body written with exactly `V`'s own record schema.
+fn decode_exact<'a, V: crate::records::AvroView<'a>>(
+    id: u32,
+    body: &'a [u8],
+) -> Result<V, CodecError> {
+    let corrupt = |reason: String| CodecError::CorruptBody { id, reason };
+    let mut reader = crate::records::avro_read::Body::new(body);
+    let view = V::read_exact(&mut reader).map_err(|e| corrupt(e.to_string()))?;
+    if reader.remaining() > 0 {
+        return Err(corrupt("bytes left over after the record".to_owned()));
+    }
+    Ok(view)
 }
 
 fn is_not_found(e: &SRCError) -> bool {
@@ -892,5 +939,207 @@ pub(crate) mod tests {
         Codec::encode_with_id(1, &sample_impression(), &mut a).expect("encode");
         Codec::encode_with_id(1, &sample_impression(), &mut b).expect("encode");
         assert_eq!(a, b);
+    }
+
+    /// The direct readers of the views accept and reject exactly what the
+    /// serde path accepts and rejects, and read the same values.
+    mod exact_reader {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn writer_of<R: AvroRecord>() -> WriterSchema {
+            parse_writer(1, R::SCHEMA_JSON).expect("own schema parses")
+        }
+
+        fn agree<'a, V: AvroView<'a> + std::fmt::Debug + PartialEq>(
+            writer: &WriterSchema,
+            body: &'a [u8],
+        ) -> Result<(), TestCaseError> {
+            let by_serde = decode_body::<V>(1, V::Record::FULL_NAME, writer, body);
+            let direct = decode_exact::<V>(1, body);
+            match (&by_serde, &direct) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                _ => prop_assert!(false, "serde {by_serde:?} but direct {direct:?}"),
+            }
+            Ok(())
+        }
+
+        /// A body, then damage: cut, one byte changed, one inserted, or
+        /// bytes appended.
+        fn damaged(body: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+            let n = body.len();
+            prop_oneof![
+                Just(body.clone()),
+                (0..=n).prop_map({
+                    let b = body.clone();
+                    move |k| b[..k].to_vec()
+                }),
+                (0..n.max(1), any::<u8>()).prop_map({
+                    let b = body.clone();
+                    move |(i, x)| {
+                        let mut b = b.clone();
+                        if let Some(v) = b.get_mut(i) {
+                            *v = x;
+                        }
+                        b
+                    }
+                }),
+                (0..=n, any::<u8>()).prop_map({
+                    let b = body.clone();
+                    move |(i, x)| {
+                        let mut b = b.clone();
+                        b.insert(i, x);
+                        b
+                    }
+                }),
+                proptest::collection::vec(any::<u8>(), 1..12).prop_map(move |tail| {
+                    let mut b = body.clone();
+                    b.extend(tail);
+                    b
+                }),
+            ]
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof!["[a-z0-9.:-]{0,12}", ".{0,6}", "\\PC{0,140}"]
+        }
+
+        fn impression() -> impl Strategy<Value = Impression> {
+            (
+                (text(), any::<i64>(), text(), text(), text(), text()),
+                (text(), text(), text(), any::<i64>()),
+                proptest::collection::btree_map(text(), text(), 0..4),
+            )
+                .prop_map(|((id, t, c, a, k, u), (ip, st, d, cost), metadata)| {
+                    Impression {
+                        impression_id: id,
+                        event_time: t,
+                        campaign_id: c,
+                        ad_id: a,
+                        search_keyword: k,
+                        user_id: u,
+                        user_ip: ip,
+                        state: st,
+                        device_type: d,
+                        cost_micros: cost,
+                        metadata,
+                    }
+                })
+        }
+
+        fn body_of<R: AvroRecord>(r: &R) -> Vec<u8> {
+            let mut out = Vec::new();
+            r.write_body(&mut out).expect("encodes");
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn impressions(body in impression().prop_flat_map(|r| damaged(body_of(&r)))) {
+                agree::<ImpressionView>(&writer_of::<Impression>(), &body)?;
+            }
+
+            #[test]
+            fn clicks(body in (text(), text(), any::<i64>(), text(), any::<i64>())
+                .prop_flat_map(|(c, i, t, ip, cost)| damaged(body_of(&Click {
+                    click_id: c, impression_id: i, event_time: t, user_ip: ip, cost_micros: cost,
+                })))) {
+                agree::<ClickView>(&writer_of::<Click>(), &body)?;
+            }
+
+            #[test]
+            fn conversions(body in (text(), text(), text(), any::<i64>(), text(), any::<i64>())
+                .prop_flat_map(|(v, c, i, t, ty, rev)| damaged(body_of(&Conversion {
+                    conversion_id: v, click_id: c, impression_id: i, event_time: t,
+                    conversion_type: ty, revenue_micros: rev,
+                })))) {
+                agree::<ConversionView>(&writer_of::<Conversion>(), &body)?;
+            }
+
+            #[test]
+            fn arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+                agree::<ImpressionView>(&writer_of::<Impression>(), &body)?;
+                agree::<ClickView>(&writer_of::<Click>(), &body)?;
+                agree::<ConversionView>(&writer_of::<Conversion>(), &body)?;
+            }
+
+            /// Everything after the fixed fields: map blocks of any shape,
+            /// negative counts with byte sizes included, varints of any length.
+            #[test]
+            fn arbitrary_metadata(tail in proptest::collection::vec(
+                prop_oneof![Just(0u8), Just(1), Just(2), Just(3), Just(0x80), Just(0xff), Just(b'a'), any::<u8>()],
+                0..40,
+            )) {
+                let mut r = sample_impression();
+                r.metadata.clear();
+                let mut body = body_of(&r);
+                body.pop(); // the empty map's 0 count
+                body.extend(tail);
+                agree::<ImpressionView>(&writer_of::<Impression>(), &body)?;
+            }
+        }
+
+        #[test]
+        fn negative_block_counts_and_long_varints() {
+            let mut r = sample_impression();
+            r.metadata.clear();
+            let mut prefix = body_of(&r);
+            prefix.pop();
+            for tail in [
+                // count -1 (zigzag 1), byte size 4, "a" -> "b", end
+                vec![1u8, 8, 2, b'a', 2, b'b', 0],
+                // count 1 written in 10 bytes, the last below 2
+                vec![
+                    0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00, 2, b'a', 2, b'b', 0,
+                ],
+                // an 11-byte varint, and a tenth byte of 2
+                vec![
+                    0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00,
+                ],
+                vec![0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02],
+            ] {
+                let mut body = prefix.clone();
+                body.extend(&tail);
+                agree::<ImpressionView>(&writer_of::<Impression>(), &body)
+                    .map_err(|e| format!("tail {tail:?}: {e}"))
+                    .expect("agree");
+            }
+            let mut ok = prefix.clone();
+            ok.extend([1u8, 8, 2, b'a', 2, b'b', 0]);
+            assert!(decode_exact::<ImpressionView>(1, &ok).is_ok());
+        }
+
+        #[test]
+        fn only_our_own_schemas_are_read_directly() {
+            assert!(writer_of::<Impression>().exact);
+            assert!(writer_of::<Click>().exact);
+            assert!(writer_of::<Conversion>().exact);
+            // Docs and defaults do not change the binary layout.
+            let bare = r#"{"type":"record","name":"Click","namespace":"adstream.events","fields":[
+                {"name":"click_id","type":"string"},{"name":"impression_id","type":"string"},
+                {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}},{"name":"user_ip","type":"string"},
+                {"name":"cost_micros","type":"long"}]}"#;
+            assert!(parse_writer(9, bare).expect("parses").exact);
+            // A field more, or fields in another order, do.
+            let more = bare.replace(
+                r#"{"name":"cost_micros","type":"long"}"#,
+                r#"{"name":"cost_micros","type":"long"},{"name":"x","type":"string","default":""}"#,
+            );
+            assert!(!parse_writer(9, &more).expect("parses").exact);
+            let reordered = bare.replace(
+                r#"{"name":"click_id","type":"string"},{"name":"impression_id","type":"string"}"#,
+                r#"{"name":"impression_id","type":"string"},{"name":"click_id","type":"string"}"#,
+            );
+            assert!(!parse_writer(9, &reordered).expect("parses").exact);
+            // Another record is never read as ours.
+            assert!(
+                !parse_writer(9, AdMetric::SCHEMA_JSON)
+                    .expect("parses")
+                    .exact
+            );
+        }
     }
 }

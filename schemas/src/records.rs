@@ -137,6 +137,119 @@ avro_record!(Conversion, "adstream.events.Conversion", "conversion.avsc");
 pub trait AvroView<'a>: Deserialize<'a> {
     /// The record this views; its schema name must match the writer's.
     type Record: AvroRecord;
+
+    /// Reads a body written with exactly [`Self::Record`]'s own schema
+    /// (same Parsing Canonical Form), field by field, without the schema
+    /// walk of the serde path. It accepts and rejects exactly what that
+    /// path does (a property test holds it to it); the caller checks that
+    /// nothing is left over.
+    fn read_exact(body: &mut avro_read::Body<'a>) -> Result<Self, avro_read::ReadError>;
+}
+
+/// Avro binary primitives for the views' direct readers, with the same
+/// limits as serde_avro_fast's: a varint has at most 10 bytes (the tenth
+/// below 2), a length is a non-negative `long`, strings are UTF-8.
+pub mod avro_read {
+    /// What made a body unreadable.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+    pub enum ReadError {
+        #[error("varint runs past the end of the body or past 10 bytes")]
+        Varint,
+        #[error("negative length {0}")]
+        NegativeLength(i64),
+        #[error("length {len} runs past the end of the body ({left} bytes left)")]
+        Eof { len: usize, left: usize },
+        #[error("string is not valid UTF-8")]
+        Utf8,
+    }
+
+    /// The unread rest of a body.
+    #[derive(Debug)]
+    pub struct Body<'a> {
+        rest: &'a [u8],
+    }
+
+    impl<'a> Body<'a> {
+        pub fn new(body: &'a [u8]) -> Self {
+            Body { rest: body }
+        }
+
+        /// Bytes not read yet.
+        pub fn remaining(&self) -> usize {
+            self.rest.len()
+        }
+
+        /// An unsigned base-128 varint.
+        #[inline]
+        pub fn varint(&mut self) -> Result<u64, ReadError> {
+            // Most are one byte: string lengths below 64.
+            match self.rest.split_first() {
+                Some((&b, rest)) if b < 0x80 => {
+                    self.rest = rest;
+                    Ok(u64::from(b))
+                }
+                _ => self.varint_long(),
+            }
+        }
+
+        fn varint_long(&mut self) -> Result<u64, ReadError> {
+            let mut v = 0u64;
+            for (i, &b) in self.rest.iter().enumerate().take(10) {
+                v |= u64::from(b & 0x7f) << (7 * i);
+                let last = if i == 9 { b < 2 } else { b & 0x80 == 0 };
+                if last || i == 9 {
+                    if !last {
+                        return Err(ReadError::Varint);
+                    }
+                    self.rest = &self.rest[i + 1..];
+                    return Ok(v);
+                }
+            }
+            Err(ReadError::Varint)
+        }
+
+        /// `long`/`int`: a zigzag varint.
+        #[inline]
+        pub fn long(&mut self) -> Result<i64, ReadError> {
+            let z = self.varint()?;
+            Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+        }
+
+        /// `string`: a length, then that many bytes of UTF-8.
+        #[inline]
+        pub fn str(&mut self) -> Result<&'a str, ReadError> {
+            let len = self.long()?;
+            let len = usize::try_from(len).map_err(|_| ReadError::NegativeLength(len))?;
+            if len > self.rest.len() {
+                return Err(ReadError::Eof {
+                    len,
+                    left: self.rest.len(),
+                });
+            }
+            let (s, rest) = self.rest.split_at(len);
+            self.rest = rest;
+            std::str::from_utf8(s).map_err(|_| ReadError::Utf8)
+        }
+
+        /// `map<string>`, read and checked: blocks of a count (negative:
+        /// followed by the block's byte size) and that many key/value
+        /// strings, ended by a zero count.
+        pub fn map_of_strings(&mut self) -> Result<(), ReadError> {
+            loop {
+                let count = self.long()?;
+                if count == 0 {
+                    return Ok(());
+                }
+                if count < 0 {
+                    self.varint()?;
+                }
+                for _ in 0..count.unsigned_abs() {
+                    self.str()?;
+                    self.str()?;
+                }
+            }
+        }
+    }
 }
 
 /// A string read and checked, then dropped (a field the engine does not use).
@@ -202,6 +315,22 @@ pub struct ImpressionView<'a> {
 
 impl<'a> AvroView<'a> for ImpressionView<'a> {
     type Record = Impression;
+
+    fn read_exact(b: &mut avro_read::Body<'a>) -> Result<Self, avro_read::ReadError> {
+        Ok(ImpressionView {
+            impression_id: b.str()?,
+            event_time: b.long()?,
+            campaign_id: b.str()?,
+            ad_id: b.str()?,
+            search_keyword: b.str()?,
+            user_id: b.str().map(|_| CheckedStr)?,
+            user_ip: b.str()?,
+            state: b.str()?,
+            device_type: b.str()?,
+            cost_micros: b.long()?,
+            metadata: b.map_of_strings().map(|()| CheckedMap)?,
+        })
+    }
 }
 
 /// [`Click`], borrowed.
@@ -216,6 +345,16 @@ pub struct ClickView<'a> {
 
 impl<'a> AvroView<'a> for ClickView<'a> {
     type Record = Click;
+
+    fn read_exact(b: &mut avro_read::Body<'a>) -> Result<Self, avro_read::ReadError> {
+        Ok(ClickView {
+            click_id: b.str()?,
+            impression_id: b.str()?,
+            event_time: b.long()?,
+            user_ip: b.str()?,
+            cost_micros: b.long()?,
+        })
+    }
 }
 
 /// [`Conversion`], borrowed.
@@ -232,6 +371,17 @@ pub struct ConversionView<'a> {
 
 impl<'a> AvroView<'a> for ConversionView<'a> {
     type Record = Conversion;
+
+    fn read_exact(b: &mut avro_read::Body<'a>) -> Result<Self, avro_read::ReadError> {
+        Ok(ConversionView {
+            conversion_id: b.str()?,
+            click_id: b.str()?,
+            impression_id: b.str()?,
+            event_time: b.long()?,
+            conversion_type: b.str().map(|_| CheckedStr)?,
+            revenue_micros: b.long()?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -71,6 +71,11 @@ pub struct WindowStore {
     size: i64,
     allowed_lateness: i64,
     open: BTreeMap<i64, HashMap<GrainId, Measures>>,
+    /// The cell table of the last closed window, emptied, for the next one
+    /// to open: a fresh table would grow (rehash) and touch new pages all
+    /// over again every window.
+    #[serde(skip)]
+    spare: Option<HashMap<GrainId, Measures>>,
 }
 
 impl WindowStore {
@@ -80,6 +85,7 @@ impl WindowStore {
             size,
             allowed_lateness,
             open: BTreeMap::new(),
+            spare: None,
         }
     }
 
@@ -108,7 +114,7 @@ impl WindowStore {
         let mut new = false;
         self.open
             .entry(start)
-            .or_default()
+            .or_insert_with(|| self.spare.take().unwrap_or_default())
             .entry(grain)
             .or_insert_with(|| {
                 new = true;
@@ -125,11 +131,11 @@ impl WindowStore {
             if self.closes_at(start) > wm {
                 break;
             }
-            let cells = self
-                .open
-                .remove(&start)
-                .map(|m| m.into_iter().collect())
-                .unwrap_or_default();
+            let mut cells = Vec::new();
+            if let Some(mut m) = self.open.remove(&start) {
+                cells.extend(m.drain());
+                self.spare = Some(m);
+            }
             out.push(ClosedWindow {
                 start,
                 end: start + self.size,
