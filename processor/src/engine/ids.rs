@@ -435,44 +435,111 @@ impl Interner {
     ///
     /// Comparing grains string by string was a tenth of the engine's time
     /// (a window holds about one grain per impression, nearly all differing
-    /// only in the IP range). Instead each string dimension is ranked once
-    /// over its few distinct values (interned strings are unique, so equal
-    /// ids mean equal values), and the IP range is compared by its text's
-    /// first 16 bytes as a big-endian number (zero-padded, and text has no
-    /// zero bytes, so for texts up to 16 bytes, every IPv4 range, that is
-    /// the text order); only longer texts that tie there are compared as
-    /// strings.
+    /// only in the IP range). Instead each dimension is ranked once over its
+    /// distinct values in the window: the string dimensions through a table
+    /// by interned id (interned strings are unique, so equal ids mean equal
+    /// values), the IP ranges by a sort of their distinct codes on their
+    /// text's first 16 bytes as a big-endian number (zero-padded, and text
+    /// has no zero bytes, so for texts up to 16 bytes, every IPv4 range,
+    /// that is the text order; longer texts that tie there are compared as
+    /// strings). The six ranks then pack into one integer with the cell's
+    /// index, and cells sort as plain integers.
     pub fn sort_cells<T: Copy>(&self, cells: &mut [(GrainId, T)]) {
-        let rank = |d: usize| -> Vec<u32> {
-            let ids: Vec<u32> = cells.iter().map(|(g, _)| g[d]).collect();
-            ranks(&ids, |id| &*self.values[id as usize])
-        };
-        let [r0, r1, r2, r3, rdev] = [rank(0), rank(1), rank(2), rank(3), rank(5)];
-        let mut order: Vec<(u128, u128, u32, u32)> = (0..cells.len())
-            .map(|i| {
-                let key = (u128::from(r0[i]) << 96)
-                    | (u128::from(r1[i]) << 64)
-                    | (u128::from(r2[i]) << 32)
-                    | u128::from(r3[i]);
-                (key, self.ip_sort_key(cells[i].0[IP]), rdev[i], i as u32)
-            })
-            .collect();
-        order.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(a.1.cmp(&b.1))
-                .then_with(|| {
-                    let (ga, gb) = (cells[a.3 as usize].0, cells[b.3 as usize].0);
-                    if ga[IP] == gb[IP] {
-                        return std::cmp::Ordering::Equal;
-                    }
-                    // Equal 16-byte prefixes of different texts: both long.
-                    let text = |c: u32| &*self.values[(c & !IP_TEXT) as usize];
-                    text(ga[IP]).cmp(text(gb[IP]))
-                })
-                .then(a.2.cmp(&b.2))
+        self.sort_cells_packing(cells, 96);
+    }
+
+    /// [`sort_cells`](Self::sort_cells), packing ranks into one integer
+    /// only when they take at most `pack_bits` (tests force the other way).
+    fn sort_cells_packing<T: Copy>(&self, cells: &mut [(GrainId, T)], pack_bits: u32) {
+        if cells.len() < 2 {
+            return;
+        }
+        // Ranks by dimension, in grain order; and the bits each takes.
+        let ranks: [(Vec<u32>, u32); 6] = std::array::from_fn(|d| match d {
+            IP => self.ip_ranks(cells),
+            _ => self.string_ranks(cells, d),
         });
-        let sorted: Vec<(GrainId, T)> = order.iter().map(|o| cells[o.3 as usize]).collect();
+        let bits: u32 = ranks.iter().map(|(_, b)| b).sum();
+        let mut order: Vec<u32> = (0..cells.len() as u32).collect();
+        if bits <= pack_bits {
+            let mut keys: Vec<u128> = (0..cells.len())
+                .map(|i| {
+                    let key = ranks
+                        .iter()
+                        .fold(0u128, |k, (r, b)| (k << b) | u128::from(r[i]));
+                    (key << 32) | i as u128
+                })
+                .collect();
+            keys.sort_unstable();
+            for (o, k) in order.iter_mut().zip(&keys) {
+                *o = *k as u32;
+            }
+        } else {
+            order.sort_unstable_by(|&a, &b| {
+                ranks
+                    .iter()
+                    .map(|(r, _)| r[a as usize].cmp(&r[b as usize]))
+                    .find(|o| o.is_ne())
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+        }
+        let sorted: Vec<(GrainId, T)> = order.iter().map(|&i| cells[i as usize]).collect();
         cells.copy_from_slice(&sorted);
+    }
+
+    /// For each cell, the rank of its string in dimension `d` among the
+    /// window's distinct ones; and the bits a rank needs.
+    fn string_ranks<T>(&self, cells: &[(GrainId, T)], d: usize) -> (Vec<u32>, u32) {
+        let mut rank_by_id = vec![u32::MAX; self.values.len()];
+        let mut distinct = Vec::new();
+        for (g, _) in cells {
+            let r = &mut rank_by_id[g[d] as usize];
+            if *r == u32::MAX {
+                *r = 0;
+                distinct.push(g[d]);
+            }
+        }
+        distinct.sort_unstable_by(|&a, &b| self.values[a as usize].cmp(&self.values[b as usize]));
+        for (rank, &id) in distinct.iter().enumerate() {
+            rank_by_id[id as usize] = rank as u32;
+        }
+        let ranks = cells
+            .iter()
+            .map(|(g, _)| rank_by_id[g[d] as usize])
+            .collect();
+        (ranks, bits_for(distinct.len()))
+    }
+
+    /// For each cell, the rank of its IP range's text among the window's
+    /// distinct ones; and the bits a rank needs.
+    fn ip_ranks<T>(&self, cells: &[(GrainId, T)]) -> (Vec<u32>, u32) {
+        let mut codes: Vec<u32> = cells.iter().map(|(g, _)| g[IP]).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        let mut by_text: Vec<(u128, u32)> =
+            codes.iter().map(|&c| (self.ip_sort_key(c), c)).collect();
+        by_text.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                if a.1 == b.1 {
+                    return std::cmp::Ordering::Equal;
+                }
+                // Equal 16-byte prefixes of different texts: both long.
+                let text = |c: u32| &*self.values[(c & !IP_TEXT) as usize];
+                text(a.1).cmp(text(b.1))
+            })
+        });
+        // Rank by position in `codes`.
+        let mut rank_of = vec![0u32; codes.len()];
+        for (rank, &(_, c)) in by_text.iter().enumerate() {
+            if let Ok(i) = codes.binary_search(&c) {
+                rank_of[i] = rank as u32;
+            }
+        }
+        let ranks = cells
+            .iter()
+            .map(|(g, _)| codes.binary_search(&g[IP]).map_or(0, |i| rank_of[i]))
+            .collect();
+        (ranks, bits_for(codes.len()))
     }
 
     /// The first 16 bytes of an IP range code's text, big-endian, zero-padded.
@@ -511,28 +578,9 @@ impl Interner {
     }
 }
 
-/// For each of `ids`, the rank of its value (`key`) among the distinct
-/// values in `ids`. Distinct ids must have distinct keys.
-fn ranks<K: Ord>(ids: &[u32], key: impl Fn(u32) -> K) -> Vec<u32> {
-    let mut distinct = ids.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let mut by_key: Vec<(K, u32)> = distinct
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| (key(id), i as u32))
-        .collect();
-    by_key.sort_unstable();
-    let mut rank_of = vec![0u32; distinct.len()];
-    for (r, (_, i)) in by_key.iter().enumerate() {
-        rank_of[*i as usize] = r as u32;
-    }
-    ids.iter()
-        .map(|id| match distinct.binary_search(id) {
-            Ok(i) => rank_of[i],
-            Err(_) => unreachable!("every id was collected"),
-        })
-        .collect()
+/// Bits needed for ranks below `distinct`.
+fn bits_for(distinct: usize) -> u32 {
+    usize::BITS - distinct.saturating_sub(1).leading_zeros()
 }
 
 #[cfg(test)]
@@ -623,8 +671,11 @@ mod tests {
             }
             let mut want = cells.clone();
             want.sort_by_key(|a| i.resolve(a.0));
+            let mut unpacked = cells.clone();
             i.sort_cells(&mut cells);
             assert_eq!(cells, want, "{n} cells");
+            i.sort_cells_packing(&mut unpacked, 0);
+            assert_eq!(unpacked, want, "{n} cells, ranks compared one by one");
         }
     }
 
