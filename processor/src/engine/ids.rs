@@ -513,33 +513,33 @@ impl Interner {
     /// For each cell, the rank of its IP range's text among the window's
     /// distinct ones; and the bits a rank needs.
     fn ip_ranks<T>(&self, cells: &[(GrainId, T)]) -> (Vec<u32>, u32) {
-        let mut codes: Vec<u32> = cells.iter().map(|(g, _)| g[IP]).collect();
-        codes.sort_unstable();
-        codes.dedup();
-        let mut by_text: Vec<(u128, u32)> =
-            codes.iter().map(|&c| (self.ip_sort_key(c), c)).collect();
+        let mut by_text: Vec<(u128, u32, u32)> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, (g, _))| (self.ip_sort_key(g[IP]), g[IP], i as u32))
+            .collect();
+        // Equal codes come out adjacent: equal 16-byte keys of different
+        // codes are broken by the whole text, then by code.
         by_text.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0).then_with(|| {
                 if a.1 == b.1 {
                     return std::cmp::Ordering::Equal;
                 }
-                // Equal 16-byte prefixes of different texts: both long.
-                let text = |c: u32| &*self.values[(c & !IP_TEXT) as usize];
-                text(a.1).cmp(text(b.1))
+                // (Only texts longer than 16 bytes can tie on their key.)
+                let text =
+                    |c: u32| (c & IP_TEXT != 0).then(|| &*self.values[(c & !IP_TEXT) as usize]);
+                text(a.1).cmp(&text(b.1)).then(a.1.cmp(&b.1))
             })
         });
-        // Rank by position in `codes`.
-        let mut rank_of = vec![0u32; codes.len()];
-        for (rank, &(_, c)) in by_text.iter().enumerate() {
-            if let Ok(i) = codes.binary_search(&c) {
-                rank_of[i] = rank as u32;
+        let mut ranks = vec![0u32; cells.len()];
+        let mut rank = 0u32;
+        for (k, &(_, code, i)) in by_text.iter().enumerate() {
+            if k > 0 && by_text[k - 1].1 != code {
+                rank += 1;
             }
+            ranks[i as usize] = rank;
         }
-        let ranks = cells
-            .iter()
-            .map(|(g, _)| codes.binary_search(&g[IP]).map_or(0, |i| rank_of[i]))
-            .collect();
-        (ranks, bits_for(codes.len()))
+        (ranks, bits_for(rank as usize + 1))
     }
 
     /// The first 16 bytes of an IP range code's text, big-endian, zero-padded.

@@ -210,10 +210,6 @@ impl HeldById {
             .map(|&e| entry_slot(e))
     }
 
-    fn contains(&self, id: IdKey) -> bool {
-        self.find(id).is_some()
-    }
-
     /// Records held and not expired.
     fn len(&self) -> usize {
         self.index.len() - self.expired_held
@@ -222,9 +218,24 @@ impl HeldById {
     /// Holds a record (in the bucket starting at `bucket`), taking a
     /// reference to its grain.
     fn insert(&mut self, held: Held, bucket: i64, width: i64, interner: &mut Interner) {
+        let existing = self.find(held.id);
+        self.insert_at(existing, held, bucket, width, interner);
+    }
+
+    /// [`insert`](Self::insert), where the caller has looked up the id:
+    /// `existing` is its slot if it is held.
+    fn insert_at(
+        &mut self,
+        existing: Option<u32>,
+        held: Held,
+        bucket: i64,
+        width: i64,
+        interner: &mut Interner,
+    ) {
+        debug_assert_eq!(existing, self.find(held.id));
         interner.retain(held.grain);
         *self.counts.entry(bucket).or_default() += 1;
-        if let Some(s) = self.find(held.id) {
+        if let Some(s) = existing {
             let old = std::mem::replace(self.slot_mut(s), held);
             interner.release(old.grain);
             // A record is expired exactly when its bucket has left the counts.
@@ -354,6 +365,16 @@ impl ExpiringIds {
     }
 }
 
+/// An impression id found not held by [`ClickJoin::find_impression`]: the
+/// join then holds it without looking it up again (a lookup is a cache miss
+/// in a table of millions).
+#[derive(Debug)]
+pub struct ImpressionAbsent(IdKey);
+
+/// The impression id is held already: a duplicate.
+#[derive(Debug)]
+pub struct HeldImpression;
+
 /// Join state and its rules.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClickJoin {
@@ -390,8 +411,14 @@ impl ClickJoin {
         t - t.rem_euclid(self.cfg.bucket)
     }
 
-    pub fn is_duplicate_impression(&self, id: IdKey) -> bool {
-        self.impressions.contains(id)
+    /// Whether impression `id` is held (then a record with it is a
+    /// duplicate); if not, the token [`on_impression`](Self::on_impression)
+    /// takes.
+    pub fn find_impression(&self, id: IdKey) -> Result<ImpressionAbsent, HeldImpression> {
+        match self.impressions.find(id) {
+            None => Ok(ImpressionAbsent(id)),
+            Some(_) => Err(HeldImpression),
+        }
     }
 
     pub fn is_duplicate_click(&self, id: IdKey) -> bool {
@@ -408,15 +435,16 @@ impl ClickJoin {
     /// grain in `interner`.
     pub fn on_impression(
         &mut self,
-        id: IdKey,
+        absent: ImpressionAbsent,
         t: i64,
         grain: GrainId,
         interner: &mut Interner,
         out: &mut Vec<Counted>,
     ) {
+        let ImpressionAbsent(id) = absent;
         let b = self.bucket(t);
         self.impressions
-            .insert(Held { id, t, grain }, b, self.cfg.bucket, interner);
+            .insert_at(None, Held { id, t, grain }, b, self.cfg.bucket, interner);
         let Some(waiting) = self.pending_clicks_by_impression.remove(&id) else {
             return;
         };

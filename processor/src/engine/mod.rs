@@ -454,10 +454,8 @@ impl Engine {
         let s = &mut self.state.stats.by_topic[topic as usize];
         match decoded {
             Decoded::Impression(r) => {
-                let id = id_key(r.impression_id);
-                if self.state.join.is_duplicate_impression(id) {
-                    s.duplicate += 1;
-                } else {
+                let found = self.state.join.find_impression(id_key(r.impression_id));
+                if let Ok(absent) = found {
                     s.counted += 1;
                     let grain = self.state.interner.grain_of(
                         r.campaign_id,
@@ -475,7 +473,7 @@ impl Engine {
                         st.interner.retain(grain);
                     }
                     st.join.on_impression(
-                        id,
+                        absent,
                         r.event_time,
                         grain,
                         &mut st.interner,
@@ -483,6 +481,8 @@ impl Engine {
                     );
                     // The join and the window cell hold their own references.
                     st.interner.release(grain);
+                } else {
+                    s.duplicate += 1;
                 }
             }
             Decoded::Click(r) => {
