@@ -137,8 +137,10 @@ fn write_v4_range(code: u32, out: &mut String) {
     out.push_str(std::str::from_utf8(&b[..n]).unwrap_or_default());
 }
 
-/// The dimension values of one grain.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The dimension values of one grain. Ordered in grain order: by campaign,
+/// ad, keyword and state, then IP range (none first, then IPv4 ranges,
+/// then IPv6 ones, each family in text order), then device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Grain {
     pub campaign_id: Box<str>,
     pub ad_id: Box<str>,
@@ -146,6 +148,62 @@ pub struct Grain {
     pub state: Box<str>,
     pub ip_range: Box<str>,
     pub device_type: Box<str>,
+}
+
+impl Grain {
+    fn order_key(&self) -> (&str, &str, &str, &str, u8, &str, &str) {
+        let family = match &*self.ip_range {
+            "" => 0,
+            t if t.ends_with("/24") => 1,
+            _ => 2,
+        };
+        (
+            &self.campaign_id,
+            &self.ad_id,
+            &self.search_keyword,
+            &self.state,
+            family,
+            &self.ip_range,
+            &self.device_type,
+        )
+    }
+}
+
+impl PartialOrd for Grain {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Grain {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+/// Rank of `x` followed by a dot, `"{x}."`, among those of every octet, in
+/// text order. Octet texts end in a dot (the last one in ".0/24") and a dot
+/// sorts before every digit, so no octet's text is a prefix of another's:
+/// two IPv4 range texts compare as their octets' ranks do, left to right.
+fn octet_text_rank() -> &'static [u8; 256] {
+    static RANKS: std::sync::OnceLock<[u8; 256]> = std::sync::OnceLock::new();
+    RANKS.get_or_init(|| {
+        let mut texts: Vec<(String, u8)> = (0..=255u8).map(|x| (format!("{x}."), x)).collect();
+        texts.sort();
+        let mut ranks = [0u8; 256];
+        for (rank, (_, x)) in texts.into_iter().enumerate() {
+            ranks[x as usize] = rank as u8;
+        }
+        ranks
+    })
+}
+
+/// An IPv4 range code as a number in the text order of its range.
+fn v4_text_order(code: u32) -> u32 {
+    let ranks = octet_text_rank();
+    let net = code - 1;
+    let rank = |shift: u32| u32::from(ranks[(net >> shift) as usize & 0xff]);
+    (rank(16) << 16) | (rank(8) << 8) | rank(0)
 }
 
 /// Where the dimensions sit in a [`GrainId`].
@@ -438,12 +496,11 @@ impl Interner {
     /// only in the IP range). Instead each dimension is ranked once over its
     /// distinct values in the window: the string dimensions through a table
     /// by interned id (interned strings are unique, so equal ids mean equal
-    /// values), the IP ranges by a sort of their distinct codes on their
-    /// text's first 16 bytes as a big-endian number (zero-padded, and text
-    /// has no zero bytes, so for texts up to 16 bytes, every IPv4 range,
-    /// that is the text order; longer texts that tie there are compared as
-    /// strings). The six ranks then pack into one integer with the cell's
-    /// index, and cells sort as plain integers.
+    /// values); IPv4 ranges by a number that orders them as their text does
+    /// ([`octet_text_rank`]), with no sort; IPv6 ranges, after those, by a
+    /// sort of their texts (first on their first 16 bytes as a big-endian
+    /// number, only ties compared as strings). The six ranks then pack into
+    /// one integer with the cell's index, and cells sort as plain integers.
     pub fn sort_cells<T: Copy>(&self, cells: &mut [(GrainId, T)]) {
         self.sort_cells_packing(cells, 96);
     }
@@ -510,31 +567,43 @@ impl Interner {
         (ranks, bits_for(distinct.len()))
     }
 
-    /// For each cell, the rank of its IP range's text among the window's
-    /// distinct ones; and the bits a rank needs.
+    /// For each cell, the rank of its IP range in grain order (none, then
+    /// IPv4 ranges by [`v4_text_order`], then IPv6 texts ranked among the
+    /// window's); and the bits a rank needs.
     fn ip_ranks<T>(&self, cells: &[(GrainId, T)]) -> (Vec<u32>, u32) {
-        let mut by_text: Vec<(u128, u32, u32)> = cells
+        const TEXTS_FROM: u32 = (1 << 24) + 1;
+        let mut ranks: Vec<u32> = cells
+            .iter()
+            .map(|(g, _)| match g[IP] {
+                0 => 0,
+                c if c & IP_TEXT != 0 => TEXTS_FROM,
+                c => 1 + v4_text_order(c),
+            })
+            .collect();
+        let mut texts: Vec<(u128, u32, u32)> = cells
             .iter()
             .enumerate()
+            .filter(|(_, (g, _))| g[IP] & IP_TEXT != 0)
             .map(|(i, (g, _))| (self.ip_sort_key(g[IP]), g[IP], i as u32))
             .collect();
+        if texts.is_empty() {
+            let top = ranks.iter().max().copied().unwrap_or(0);
+            return (ranks, bits_for(top as usize + 1));
+        }
         // Equal codes come out adjacent: equal 16-byte keys of different
-        // codes are broken by the whole text, then by code.
-        by_text.sort_unstable_by(|a, b| {
+        // texts are broken by the whole text.
+        texts.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0).then_with(|| {
                 if a.1 == b.1 {
                     return std::cmp::Ordering::Equal;
                 }
-                // (Only texts longer than 16 bytes can tie on their key.)
-                let text =
-                    |c: u32| (c & IP_TEXT != 0).then(|| &*self.values[(c & !IP_TEXT) as usize]);
-                text(a.1).cmp(&text(b.1)).then(a.1.cmp(&b.1))
+                let text = |c: u32| &*self.values[(c & !IP_TEXT) as usize];
+                text(a.1).cmp(text(b.1))
             })
         });
-        let mut ranks = vec![0u32; cells.len()];
-        let mut rank = 0u32;
-        for (k, &(_, code, i)) in by_text.iter().enumerate() {
-            if k > 0 && by_text[k - 1].1 != code {
+        let mut rank = TEXTS_FROM;
+        for (k, &(_, code, i)) in texts.iter().enumerate() {
+            if k > 0 && texts[k - 1].1 != code {
                 rank += 1;
             }
             ranks[i as usize] = rank;
@@ -542,18 +611,12 @@ impl Interner {
         (ranks, bits_for(rank as usize + 1))
     }
 
-    /// The first 16 bytes of an IP range code's text, big-endian, zero-padded.
+    /// The first 16 bytes of an IPv6 range code's text, big-endian, zero-padded.
     fn ip_sort_key(&self, code: u32) -> u128 {
         let mut b = [0u8; 16];
-        match code {
-            0 => {}
-            c if c & IP_TEXT != 0 => {
-                let t = self.values[(c & !IP_TEXT) as usize].as_bytes();
-                let n = t.len().min(16);
-                b[..n].copy_from_slice(&t[..n]);
-            }
-            c => b = v4_range_text(c).0,
-        }
+        let t = self.values[(code & !IP_TEXT) as usize].as_bytes();
+        let n = t.len().min(16);
+        b[..n].copy_from_slice(&t[..n]);
         u128::from_be_bytes(b)
     }
 
@@ -676,6 +739,37 @@ mod tests {
             assert_eq!(cells, want, "{n} cells");
             i.sort_cells_packing(&mut unpacked, 0);
             assert_eq!(unpacked, want, "{n} cells, ranks compared one by one");
+        }
+    }
+
+    #[test]
+    fn ipv4_ranges_order_by_number_as_by_text() {
+        let text = |code: u32| {
+            let mut t = String::new();
+            write_v4_range(code, &mut t);
+            t
+        };
+        let mut seed = 11u64;
+        let mut code = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Octets drawn so that they often share digits and lengths.
+            let o = |k: u64| {
+                [0, 1, 2, 9, 10, 19, 20, 25, 99, 100, 199, 200, 249, 250, 255][(k % 15) as usize]
+            };
+            let s = seed >> 20;
+            1 + ((o(s) << 16) | (o(s >> 8) << 8) | o(s >> 16)) as u32
+        };
+        for _ in 0..20_000 {
+            let (a, b) = (code(), code());
+            assert_eq!(
+                v4_text_order(a).cmp(&v4_text_order(b)),
+                text(a).cmp(&text(b)),
+                "{} vs {}",
+                text(a),
+                text(b)
+            );
         }
     }
 
