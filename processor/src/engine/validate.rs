@@ -2,7 +2,7 @@
 //! letter topic with the reason; the rules are documented in README.md
 //! ("Validation") and mirrored independently by the oracle.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use adstream_schemas::records::{ClickView, ConversionView, ImpressionView};
 
@@ -58,8 +58,47 @@ fn non_negative(field: &'static str, v: i64) -> Result<(), Invalid> {
 
 /// Parses an address as the contract allows (no zone ids).
 pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
-    s.parse::<IpAddr>()
+    if let Some(v4) = parse_v4(s.as_bytes()) {
+        return Ok(IpAddr::V4(v4));
+    }
+    // Not IPv4 as std reads it either (the fast path agrees), so std's
+    // IPv4 attempt can be skipped.
+    s.parse::<Ipv6Addr>()
+        .map(IpAddr::V6)
         .map_err(|_| Invalid::BadIp(s.to_owned()))
+}
+
+/// Dotted-quad IPv4 text as std reads it (four decimal octets of one to
+/// three digits, no leading zeros, each at most 255), in one pass and
+/// without std's general address parser; `None` for anything else, which
+/// std then reads (IPv6) or rejects.
+fn parse_v4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let (mut k, mut value, mut digits) = (0usize, 0u32, 0u32);
+    for &b in s {
+        match b {
+            b'0'..=b'9' => {
+                if digits > 0 && value == 0 {
+                    return None; // a leading zero
+                }
+                value = value * 10 + u32::from(b - b'0');
+                digits += 1;
+                if value > 255 {
+                    return None;
+                }
+            }
+            b'.' if digits > 0 && k < 3 => {
+                octets[k] = value as u8;
+                (k, value, digits) = (k + 1, 0, 0);
+            }
+            _ => return None,
+        }
+    }
+    if k != 3 || digits == 0 {
+        return None;
+    }
+    octets[3] = value as u8;
+    Some(Ipv4Addr::from(octets))
 }
 
 fn time(t: i64) -> Result<(), Invalid> {
@@ -191,5 +230,21 @@ mod tests {
         assert!(parse_ip("999.1.2.3").is_err());
         assert!(parse_ip("fe80::1%eth0").is_err());
         assert!(parse_ip("10.0.0.1").is_ok());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        /// The one-pass IPv4 reader accepts only what std reads as that
+        /// same IPv4 address, and everything std reads as IPv4.
+        #[test]
+        fn ipv4_fast_path_agrees_with_std(s in "[0-9.:a]{0,17}|[0-9]{1,3}(\\.[0-9]{1,4}){2,4}") {
+            let by_std = s.parse::<IpAddr>().ok();
+            match parse_v4(s.as_bytes()) {
+                Some(v4) => proptest::prop_assert_eq!(by_std, Some(IpAddr::V4(v4))),
+                None => proptest::prop_assert!(!matches!(by_std, Some(IpAddr::V4(_))), "{s}"),
+            }
+            proptest::prop_assert_eq!(parse_ip(&s).ok(), by_std);
+        }
     }
 }
