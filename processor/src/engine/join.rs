@@ -212,7 +212,7 @@ impl HeldById {
 
     /// Records held and not expired.
     fn len(&self) -> usize {
-        self.index.len() - self.expired_held
+        self.index.len().saturating_sub(self.expired_held)
     }
 
     /// Holds a record (in the bucket starting at `bucket`), taking a
