@@ -176,8 +176,7 @@ fn encode_outputs(outputs: impl Iterator<Item = Output>, buf: &mut Vec<u8>) -> u
         let ok = match &o {
             Output::AdMetrics(rows) => {
                 let _ = rows.try_for_each(|r| {
-                    Codec::frame_with_id(4, buf);
-                    r.write_body(buf);
+                    r.encode_with_id(4, buf);
                     Ok::<(), ()>(())
                 });
                 n += rows.len() as u64;

@@ -87,8 +87,7 @@ fn run(records: &EncodedRecords) -> usize {
         for o in fed.push(r) {
             if let Output::AdMetrics(batch) = o {
                 let _ = batch.try_for_each(|m| {
-                    Codec::frame_with_id(4, &mut buf);
-                    m.write_body(&mut buf);
+                    m.encode_with_id(4, &mut buf);
                     rows += 1;
                     Ok::<(), ()>(())
                 });

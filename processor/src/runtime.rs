@@ -1624,8 +1624,7 @@ fn produce_output(
 ) -> Result<(), RuntimeError> {
     match out {
         Output::AdMetrics(rows) => rows.try_for_each(|row| {
-            Codec::frame_with_id(ids.ad_metric, buf);
-            row.write_body(buf);
+            row.encode_with_id(ids.ad_metric, buf);
             send(
                 producer,
                 BaseRecord::to(&topics.ad_metrics)

@@ -71,10 +71,6 @@ impl EncodedRecords {
         self.spans.is_empty()
     }
 
-    pub fn get(&self, i: usize) -> Option<EncodedRecord<'_>> {
-        self.spans.get(i).map(|s| self.record(s))
-    }
-
     pub fn iter(&self) -> impl ExactSizeIterator<Item = EncodedRecord<'_>> + '_ {
         self.spans.iter().map(|s| self.record(s))
     }

@@ -457,6 +457,13 @@ impl AdMetric {
 }
 
 impl AdMetricRef<'_> {
+    /// The row as a framed payload of schema `id` (Confluent wire format),
+    /// written into `out` (cleared first): what goes to the ad-metrics topic.
+    pub fn encode_with_id(&self, id: u32, out: &mut Vec<u8>) {
+        crate::codec::Codec::frame_with_id(id, out);
+        self.write_body(out);
+    }
+
     /// The Avro binary body of the row ([`AdMetric`]'s schema), appended
     /// to `out`: the direct writer [`AdMetric`]'s `write_body` uses.
     pub fn write_body(&self, out: &mut Vec<u8>) {

@@ -39,7 +39,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use adstream_schemas::records::rate;
 use adstream_schemas::records::AdMetricRef;
 use adstream_schemas::{AdMetric, CampaignCtr};
 
@@ -228,8 +227,8 @@ impl AdMetricRows {
                 conversions: m.conversions,
                 cost_micros: m.cost_micros,
                 revenue_micros: m.revenue_micros,
-                ctr: rate(m.clicks, m.impressions),
-                conversion_rate: rate(m.conversions, m.clicks),
+                ctr: m.ctr(),
+                conversion_rate: m.conversion_rate(),
             })?;
         }
         Ok(())
@@ -295,8 +294,8 @@ pub(crate) fn emit_window(
             conversions: m.conversions,
             cost_micros: m.cost_micros,
             revenue_micros: m.revenue_micros,
-            ctr: rate(m.clicks, m.impressions),
-            conversion_rate: rate(m.conversions, m.clicks),
+            ctr: m.ctr(),
+            conversion_rate: m.conversion_rate(),
         }));
         for a in alerts {
             stats.alerts += 1;

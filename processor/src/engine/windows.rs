@@ -32,6 +32,16 @@ impl Measures {
         self.revenue_micros += o.revenue_micros;
     }
 
+    /// Clicks per impression (CONTRACT.md's rates: `None` on a zero denominator).
+    pub fn ctr(&self) -> Option<f64> {
+        adstream_schemas::records::rate(self.clicks, self.impressions)
+    }
+
+    /// Conversions per click.
+    pub fn conversion_rate(&self) -> Option<f64> {
+        adstream_schemas::records::rate(self.conversions, self.clicks)
+    }
+
     pub fn impression(cost_micros: i64) -> Measures {
         Measures {
             impressions: 1,
