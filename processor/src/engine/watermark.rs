@@ -35,6 +35,11 @@ pub struct WatermarkTracker {
     max_out_of_orderness: i64,
     partitions: BTreeMap<InputPartition, PartitionState>,
     current: i64,
+    /// What [`advance`](Self::advance) last computed from the partitions,
+    /// while no change since could alter it: recomputing it meant a pass
+    /// over every partition per record.
+    #[serde(skip)]
+    candidate: Option<i64>,
 }
 
 impl WatermarkTracker {
@@ -43,11 +48,13 @@ impl WatermarkTracker {
             max_out_of_orderness,
             partitions: BTreeMap::new(),
             current: i64::MIN,
+            candidate: None,
         }
     }
 
     /// Starts tracking `p` (no data yet, so it holds the watermark at its minimum until it has data or is idle).
     pub fn add_partition(&mut self, p: InputPartition) {
+        self.candidate = None;
         self.partitions.entry(p).or_insert(PartitionState {
             max_event_time: None,
             idle: false,
@@ -56,6 +63,7 @@ impl WatermarkTracker {
 
     /// Restores a partition's highest event time (e.g. from a checkpoint).
     pub fn restore_partition(&mut self, p: InputPartition, max_event_time: Option<i64>) {
+        self.candidate = None;
         self.partitions.insert(
             p,
             PartitionState {
@@ -67,6 +75,7 @@ impl WatermarkTracker {
 
     /// Stops tracking `p` (revoked).
     pub fn remove_partition(&mut self, p: InputPartition) {
+        self.candidate = None;
         self.partitions.remove(&p);
     }
 
@@ -85,17 +94,33 @@ impl WatermarkTracker {
 
     /// Records a valid event of `p` at `event_time`; the partition becomes active.
     pub fn observe(&mut self, p: InputPartition, event_time: i64) {
-        let s = self.partitions.entry(p).or_insert(PartitionState {
-            max_event_time: None,
-            idle: false,
+        let s = self.partitions.entry(p).or_insert_with(|| {
+            self.candidate = None;
+            PartitionState {
+                max_event_time: None,
+                idle: false,
+            }
         });
+        let before = s.max_event_time;
+        let after = before.map_or(event_time, |m| m.max(event_time));
+        // The minimum over active partitions can only change if `p` joins
+        // them or rises from exactly that minimum.
+        let held_min = self.candidate.is_some_and(|c| {
+            before.map_or(i64::MIN, |t| t.saturating_sub(self.max_out_of_orderness)) == c
+        });
+        if s.idle || (held_min && before != Some(after)) {
+            self.candidate = None;
+        }
         s.idle = false;
-        s.max_event_time = Some(s.max_event_time.map_or(event_time, |m| m.max(event_time)));
+        s.max_event_time = Some(after);
     }
 
     /// Marks `p` idle or active.
     pub fn set_idle(&mut self, p: InputPartition, idle: bool) {
         if let Some(s) = self.partitions.get_mut(&p) {
+            if s.idle != idle {
+                self.candidate = None;
+            }
             s.idle = idle;
         }
     }
@@ -111,17 +136,31 @@ impl WatermarkTracker {
 
     /// Recomputes the processor watermark; returns it (never lower than before).
     pub fn advance(&mut self) -> i64 {
+        let candidate = match self.candidate {
+            Some(c) => c,
+            None => {
+                let c = self.compute_candidate();
+                self.candidate = Some(c);
+                c
+            }
+        };
+        debug_assert_eq!(candidate, self.compute_candidate());
+        self.current = self.current.max(candidate);
+        self.current
+    }
+
+    /// The minimum watermark of the active partitions; with none active,
+    /// the maximum of all.
+    fn compute_candidate(&self) -> i64 {
         let wm = |s: &PartitionState| {
             s.max_event_time
                 .map_or(i64::MIN, |t| t.saturating_sub(self.max_out_of_orderness))
         };
         let active_min = self.partitions.values().filter(|s| !s.idle).map(wm).min();
-        let candidate = match active_min {
+        match active_min {
             Some(m) => m,
             None => self.partitions.values().map(wm).max().unwrap_or(i64::MIN),
-        };
-        self.current = self.current.max(candidate);
-        self.current
+        }
     }
 
     /// The processor watermark as of the last [`advance`](Self::advance).
