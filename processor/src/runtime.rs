@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -616,6 +616,10 @@ impl Shell<'_> {
             // arriving steadily, counting records alone made a closed window
             // wait for the next 10 000 records (half a second at 20 000/s).
             let batch_start = Instant::now();
+            // Each record is handled once the next one is polled, so the
+            // engine can be told what comes next (`Engine::prefetch`) and
+            // have its index line in cache by then.
+            let mut ahead: Option<BorrowedMessage<'_>> = None;
             for _ in 0..BATCH_RECORDS {
                 if batch_start.elapsed() >= BATCH_TIME {
                     break;
@@ -633,30 +637,22 @@ impl Shell<'_> {
                     drained = true;
                     break;
                 };
-                let msg = msg.map_err(kafka("consuming"))?;
-                let key = (msg.topic().to_owned(), msg.partition());
-                if !self.resume.admit(&key, msg.offset()) {
-                    continue;
-                }
-                if msg.topic() == self.topics.partials {
-                    self.on_partials_record(msg.partition(), msg.offset(), msg.payload())?;
-                } else if let Some(ti) = self.topic_index(msg.topic()) {
-                    if let Some(v) = msg.payload() {
-                        self.ensure_schema(v, stop);
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        if let Some(held) = ahead.take() {
+                            self.on_message(&held, stop)?;
+                        }
+                        return Err(kafka("consuming")(e));
                     }
-                    self.on_input_record(
-                        HeldRecord {
-                            topic: ti as u8,
-                            offset: msg.offset(),
-                            key: None,
-                            value: None,
-                            timestamp: msg.timestamp().to_millis(),
-                        },
-                        msg.partition(),
-                        msg.key(),
-                        msg.payload(),
-                    )?;
+                };
+                self.prefetch(&msg);
+                if let Some(held) = ahead.replace(msg) {
+                    self.on_message(&held, stop)?;
                 }
+            }
+            if let Some(held) = ahead.take() {
+                self.on_message(&held, stop)?;
             }
             self.handle_rebalances()?;
             self.flush_outputs()?;
@@ -687,6 +683,48 @@ impl Shell<'_> {
             }
         }
         Ok(())
+    }
+
+    /// One polled record: input, or partial rollups from the join tasks.
+    fn on_message(
+        &mut self,
+        msg: &BorrowedMessage<'_>,
+        stop: &AtomicBool,
+    ) -> Result<(), RuntimeError> {
+        let key = (msg.topic().to_owned(), msg.partition());
+        if !self.resume.admit(&key, msg.offset()) {
+            return Ok(());
+        }
+        if msg.topic() == self.topics.partials {
+            self.on_partials_record(msg.partition(), msg.offset(), msg.payload())?;
+        } else if let Some(ti) = self.topic_index(msg.topic()) {
+            if let Some(v) = msg.payload() {
+                self.ensure_schema(v, stop);
+            }
+            self.on_input_record(
+                HeldRecord {
+                    topic: ti as u8,
+                    offset: msg.offset(),
+                    key: None,
+                    value: None,
+                    timestamp: msg.timestamp().to_millis(),
+                },
+                msg.partition(),
+                msg.key(),
+                msg.payload(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Tells the engine of `msg`'s join task that `msg` comes next.
+    fn prefetch(&self, msg: &BorrowedMessage<'_>) {
+        if let (Some(ti), Some(task)) = (
+            self.topic_index(msg.topic()),
+            self.joins.get(&msg.partition()),
+        ) {
+            task.engine.prefetch(ti as u8, msg.key());
+        }
     }
 
     /// Makes sure the writer schema of `value` is cached; waits out registry outages.

@@ -25,7 +25,12 @@ pub type IdKey = u128;
 
 /// Hashes an id string to its key.
 pub fn id_key(id: &str) -> IdKey {
-    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+    id_key_of_bytes(id.as_bytes())
+}
+
+/// [`id_key`] of an id still in bytes (a record key, before validation).
+pub fn id_key_of_bytes(id: &[u8]) -> IdKey {
+    xxhash_rust::xxh3::xxh3_128(id)
 }
 
 /// An ad-metrics grain: in grain order, the interned ids of campaign, ad,

@@ -24,9 +24,10 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use hashbrown::{HashMap, HashSet, HashTable};
+use hashbrown::{HashMap, HashSet};
 
 use super::ids::{GrainId, IdKey, Interner};
+use super::slot_index::{prefetch, SlotIndex};
 use super::RawRecord;
 
 /// Join horizons, in ms.
@@ -79,12 +80,12 @@ const SLOT_CHUNK: usize = 4096;
 /// Held records keyed by id, expired by buckets of event time.
 ///
 /// Records sit in dense fixed-size chunks of slots (free slots reused);
-/// the hash index holds per record only its slot and the id's low 32 bits,
-/// 8 bytes. The index's table is sized in powers of two, so every byte in
-/// its entries costs up to two in memory: with whole records in it (48
-/// bytes) ten million held impressions took 105 bytes each, with a slot
-/// and a separate grain 123; this way they take about 60. The id's low
-/// bits in the entry let lookups skip other records' slots and let the
+/// the index ([`SlotIndex`]) holds per record only its slot and the id's
+/// low 32 bits, 8 bytes. The index's table is sized in powers of two, so
+/// every byte in its entries costs up to two in memory: with whole records
+/// in it (48 bytes) ten million held impressions took 105 bytes each, with
+/// a slot and a separate grain 123; this way they take about 60. The id's
+/// low bits in the entry let lookups skip other records' slots and let the
 /// table grow without reading them.
 ///
 /// Only a count per bucket is kept. Expired buckets are dropped from the
@@ -98,7 +99,7 @@ const SLOT_CHUNK: usize = 4096;
 /// and each pass reads at most five slots per record it frees.
 #[derive(Debug, Default)]
 struct HeldById {
-    index: HashTable<u64>,
+    index: SlotIndex,
     slots: Vec<Vec<Held>>,
     free: Vec<u32>,
     counts: BTreeMap<i64, u32>,
@@ -106,26 +107,6 @@ struct HeldById {
     expired_below: Option<i64>,
     /// Expired records not yet freed.
     expired_held: usize,
-}
-
-/// The index's hash of an id's low 32 bits (ids are already hashes; the
-/// multiply spreads them into the high bits the table uses as tags).
-fn index_hash(low: u32) -> u64 {
-    u64::from(low).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-fn index_entry(slot: u32, id: IdKey) -> u64 {
-    (u64::from(slot) << 32) | u64::from(id as u32)
-}
-
-fn entry_slot(e: u64) -> u32 {
-    (e >> 32) as u32
-}
-
-/// An index entry's hash, from the id bits it keeps (growing the table
-/// reads no slot).
-fn entry_hash(e: &u64) -> u64 {
-    index_hash(*e as u32)
 }
 
 /// The number of slot `i` of chunk `c`.
@@ -158,7 +139,7 @@ impl<'de> serde::Deserialize<'de> for HeldById {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let data = HeldData::deserialize(d)?;
         let mut h = HeldById {
-            index: HashTable::new(),
+            index: SlotIndex::default(),
             slots: data.slots.into_owned(),
             free: data.free.into_owned(),
             counts: data.counts.into_owned(),
@@ -176,38 +157,16 @@ impl<'de> serde::Deserialize<'de> for HeldById {
         let live = held().count();
         h.expired_below = below.filter(|_| expired > 0);
         h.expired_held = expired;
-        h.index.reserve(live, entry_hash);
+        h.index.reserve(live);
         for (c, chunk) in h.slots.iter().enumerate() {
             for (i, r) in chunk.iter().enumerate() {
                 if r.t != FREE {
-                    index_insert(&mut h.index, slot_number(c, i), r.id);
+                    h.index.insert(r.id as u32, slot_number(c, i));
                 }
             }
         }
         Ok(h)
     }
-}
-
-/// Asks the CPU to bring `value`'s cache lines in without waiting for them.
-fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = (value as *const T).cast::<i8>();
-        let last = start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1));
-        // SAFETY: a prefetch reads nothing architecturally and cannot fault,
-        // whatever the address; SSE is part of the x86_64 baseline.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(start);
-            _mm_prefetch::<_MM_HINT_T0>(last);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
-fn index_insert(index: &mut HashTable<u64>, slot: u32, id: IdKey) {
-    index.insert_unique(index_hash(id as u32), index_entry(slot, id), entry_hash);
 }
 
 impl HeldById {
@@ -220,12 +179,7 @@ impl HeldById {
     }
 
     fn find(&self, id: IdKey) -> Option<u32> {
-        let low = id as u32;
-        self.index
-            .find(index_hash(low), |&e| {
-                e as u32 == low && self.slot(entry_slot(e)).id == id
-            })
-            .map(|&e| entry_slot(e))
+        self.index.find(id as u32, |s| self.slot(s).id == id)
     }
 
     /// Records held and not expired.
@@ -287,7 +241,7 @@ impl HeldById {
                 slot_number(c, self.slots[c].len() - 1)
             }
         };
-        index_insert(&mut self.index, s, held.id);
+        self.index.insert(held.id as u32, s);
     }
 
     /// Event time and grain of the held record `id`.
@@ -334,10 +288,8 @@ impl HeldById {
                 self.free.push(slot);
             }
         }
-        self.index.retain(|e| {
-            let slot = entry_slot(*e);
-            freed[slot as usize / 64] & (1 << (slot % 64)) == 0
-        });
+        self.index
+            .retain(|slot| freed[slot as usize / 64] & (1 << (slot % 64)) == 0);
         self.expired_held = 0;
     }
 }
@@ -451,6 +403,12 @@ impl ClickJoin {
             None => Ok(ImpressionAbsent(id)),
             Some(_) => Err(HeldImpression),
         }
+    }
+
+    /// Starts fetching what looking up impression `id` will read first
+    /// (see [`Engine::prefetch`](super::Engine::prefetch)).
+    pub fn prefetch_impression(&self, id: IdKey) {
+        self.impressions.index.prefetch(id as u32);
     }
 
     pub fn is_duplicate_click(&self, id: IdKey) -> bool {

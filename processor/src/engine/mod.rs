@@ -23,6 +23,7 @@ pub mod anomaly;
 pub mod ids;
 pub mod join;
 pub mod rollup;
+mod slot_index;
 pub mod validate;
 pub mod watermark;
 pub mod windows;
@@ -33,7 +34,7 @@ use adstream_schemas::{AnomalyAlert, CampaignCtr, Codec, CodecError};
 use serde::{Deserialize, Serialize};
 
 use anomaly::{AnomalyConfig, AnomalyDetector};
-use ids::{id_key, Interner, IpRange};
+use ids::{id_key, id_key_of_bytes, Interner, IpRange};
 use join::{ClickEvent, ClickJoin, Counted, JoinConfig};
 use rollup::{emit_window, partials_of, Partial};
 use watermark::{InputPartition, WatermarkTracker};
@@ -374,6 +375,19 @@ impl Engine {
             CLICKS => Decoded::Click(codec.decode_view_with(cache, value)?),
             _ => Decoded::Conversion(codec.decode_view_with(cache, value)?),
         })
+    }
+
+    /// Says that a record of `topic` with `key` comes soon (the next one or
+    /// so): the join's index line for its impression is fetched now, so
+    /// that its lookup, a cache miss otherwise, finds it in cache. Results
+    /// do not depend on it; callers that see records ahead (a fetched
+    /// batch) call it one record ahead.
+    pub fn prefetch(&self, topic: u8, key: Option<&[u8]>) {
+        // Impressions and clicks look their impression up by their key; a
+        // conversion looks up its click, by an id only its value holds.
+        if let (IMPRESSIONS | CLICKS, Some(key)) = (topic, key) {
+            self.state.join.prefetch_impression(id_key_of_bytes(key));
+        }
     }
 
     /// Processes one input record.
