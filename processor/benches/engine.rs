@@ -83,7 +83,12 @@ fn run(records: &EncodedRecords) -> usize {
     let mut fed = Fed::new();
     let mut buf = Vec::with_capacity(512);
     let mut rows = 0;
+    // One record ahead, as the processor's poll loop hints the engine.
+    let mut ahead = records.iter().skip(1);
     for r in records.iter() {
+        if let Some(next) = ahead.next() {
+            fed.engine.prefetch(next.topic, Some(next.key));
+        }
         for o in fed.push(r) {
             if let Output::AdMetrics(batch) = o {
                 let _ = batch.try_for_each(|m| {
