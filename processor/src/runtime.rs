@@ -624,7 +624,20 @@ impl Shell<'_> {
                 if batch_start.elapsed() >= BATCH_TIME {
                     break;
                 }
-                let polled = consumer.poll(Duration::from_millis(50));
+                // A record held back waits for no fetch: with nothing ready
+                // it is handled before the poll that may wait.
+                let mut polled = None;
+                if ahead.is_some() {
+                    polled = consumer.poll(Duration::ZERO);
+                    if polled.is_none() {
+                        if let Some(held) = ahead.take() {
+                            self.on_message(&held, stop)?;
+                        }
+                    }
+                }
+                if ahead.is_none() && polled.is_none() {
+                    polled = consumer.poll(Duration::from_millis(50));
+                }
                 let now = Instant::now();
                 self.max_poll_gap = self.max_poll_gap.max(now - self.last_poll);
                 self.last_poll = now;
