@@ -198,8 +198,8 @@ impl HeldById {
     /// `existing` is its slot if it is held.
     ///
     /// Inlined so `held` goes from registers into its slot: passed through
-    /// the stack, it was read back wider than it was written, and that read
-    /// waited for every earlier store to reach the cache.
+    /// the stack, it was read back in wider pieces than it was written,
+    /// which the CPU cannot forward from its store buffer.
     #[inline(always)]
     fn insert_at(
         &mut self,
