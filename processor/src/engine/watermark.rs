@@ -29,6 +29,12 @@ struct PartitionState {
     idle: bool,
 }
 
+/// A partition's watermark given its highest event time (`i64::MIN` before
+/// it has data).
+fn watermark_of(max_event_time: Option<i64>, max_out_of_orderness: i64) -> i64 {
+    max_event_time.map_or(i64::MIN, |t| t.saturating_sub(max_out_of_orderness))
+}
+
 /// Tracks partition watermarks and the processor watermark.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WatermarkTracker {
@@ -81,10 +87,8 @@ impl WatermarkTracker {
 
     /// The partition's watermark; `i64::MIN` before it has data.
     pub fn partition_watermark(&self, p: InputPartition) -> i64 {
-        self.partitions
-            .get(&p)
-            .and_then(|s| s.max_event_time)
-            .map_or(i64::MIN, |t| t.saturating_sub(self.max_out_of_orderness))
+        let max_event_time = self.partitions.get(&p).and_then(|s| s.max_event_time);
+        watermark_of(max_event_time, self.max_out_of_orderness)
     }
 
     /// Highest event time seen in `p`.
@@ -105,9 +109,7 @@ impl WatermarkTracker {
         let after = before.map_or(event_time, |m| m.max(event_time));
         // The minimum over active partitions can only change if `p` joins
         // them or rises from exactly that minimum.
-        let held_min = self.candidate.is_some_and(|c| {
-            before.map_or(i64::MIN, |t| t.saturating_sub(self.max_out_of_orderness)) == c
-        });
+        let held_min = self.candidate == Some(watermark_of(before, self.max_out_of_orderness));
         if s.idle || (held_min && before != Some(after)) {
             self.candidate = None;
         }
@@ -152,10 +154,7 @@ impl WatermarkTracker {
     /// The minimum watermark of the active partitions; with none active,
     /// the maximum of all.
     fn compute_candidate(&self) -> i64 {
-        let wm = |s: &PartitionState| {
-            s.max_event_time
-                .map_or(i64::MIN, |t| t.saturating_sub(self.max_out_of_orderness))
-        };
+        let wm = |s: &PartitionState| watermark_of(s.max_event_time, self.max_out_of_orderness);
         let active_min = self.partitions.values().filter(|s| !s.idle).map(wm).min();
         match active_min {
             Some(m) => m,
