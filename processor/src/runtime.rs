@@ -626,16 +626,11 @@ impl Shell<'_> {
                 }
                 // A record held back waits for no fetch: with nothing ready
                 // it is handled before the poll that may wait.
-                let mut polled = None;
-                if ahead.is_some() {
-                    polled = consumer.poll(Duration::ZERO);
-                    if polled.is_none() {
-                        if let Some(held) = ahead.take() {
-                            self.on_message(&held, stop)?;
-                        }
+                let mut polled = ahead.as_ref().and_then(|_| consumer.poll(Duration::ZERO));
+                if polled.is_none() {
+                    if let Some(held) = ahead.take() {
+                        self.on_message(&held, stop)?;
                     }
-                }
-                if ahead.is_none() && polled.is_none() {
                     polled = consumer.poll(Duration::from_millis(50));
                 }
                 let now = Instant::now();
