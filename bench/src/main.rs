@@ -653,8 +653,10 @@ fn main() -> anyhow::Result<()> {
         args.pg_rows = 2_000;
         args.state_impressions = 20_000;
         args.recovery_impressions = 20_000;
-        args.latency_events = 6_000;
-        args.latency_rate = 2_000.0;
+        // Enough event time (200 s) for live windows to close: the closes
+        // at the end of the input are not counted.
+        args.latency_events = 60_000;
+        args.latency_rate = 20_000.0;
     }
     match args.phase.as_deref() {
         Some("engine") => {
@@ -778,18 +780,19 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(state_dir(&p));
         let l = l?;
         eprintln!(
-            "latency: p99 {:.0} ms, p50 {:.0} ms over {} windows",
-            l.p99_ms, l.p50_ms, l.windows
+            "latency: p99 {:.0} ms, p50 {:.0} ms over {} live window closes ({} at the end of the input left out)",
+            l.p99_ms, l.p50_ms, l.windows, l.end_of_input
         );
         figures.insert("emit_latency_p99_ms".into(), l.p99_ms);
         notes.push(format!(
-            "emit_latency_p99_ms: a live run ({} events produced at {:.0}/s while the processor keeps up; event time runs 1 minute per {:.1} s of wall time, so windows close often): p99 {:.0} ms, p50 {:.0} ms over {} windows, from the mark of the last join task whose watermark passed a window to the commit of the transaction holding its rollup",
+            "emit_latency_p99_ms: a live run ({} events produced at {:.0}/s from the moment the processor holds its partitions, while it keeps up; event time runs 1 minute per {:.1} s of wall time, so windows close often): p99 {:.0} ms, p50 {:.0} ms over {} window closes (one per window and rollup task), from the mark of the last join task whose watermark passed a window to the commit of the transaction holding its rollup; the {} closes when the input ended (every partition idle) are left out",
             l.events,
             l.rate,
             60.0 * l.event_rate / l.rate,
             l.p99_ms,
             l.p50_ms,
-            l.windows
+            l.windows,
+            l.end_of_input
         ));
     }
     if wanted("recovery") {

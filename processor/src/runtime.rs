@@ -620,16 +620,24 @@ impl Shell<'_> {
             // engine can be told what comes next (`Engine::prefetch`) and
             // have its index line in cache by then.
             let mut ahead: Option<BorrowedMessage<'_>> = None;
-            for _ in 0..BATCH_RECORDS {
+            for i in 0..BATCH_RECORDS {
                 if batch_start.elapsed() >= BATCH_TIME {
                     break;
                 }
-                // A record held back waits for no fetch: with nothing ready
-                // it is handled before the poll that may wait.
-                let mut polled = ahead.as_ref().and_then(|_| consumer.poll(Duration::ZERO));
+                // Only an empty batch waits for a fetch. Once the local queue
+                // runs dry, what this batch did (a closed window above all)
+                // is flushed and committed now: waiting here for the next
+                // fetch response, which the broker may hold back for tens of
+                // milliseconds, added that wait to the emit latency.
+                let mut polled = consumer.poll(Duration::ZERO);
                 if polled.is_none() {
                     if let Some(held) = ahead.take() {
                         self.on_message(&held, stop)?;
+                    }
+                    if i > 0 {
+                        // Not `drained`: between two fetches of a backlog the
+                        // queue runs dry too; the input lag tells them apart.
+                        break;
                     }
                     polled = consumer.poll(Duration::from_millis(50));
                 }
