@@ -779,7 +779,7 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some((p99, n)) = x.emit_latency {
             notes.push(format!(
-                "e2e: while reading that backlog, window closes wait for the commit interval (a commit per window would slow the backlog): p99 emit latency there {p99:.0} ms over {n} windows; the figure below is the live run's"
+                "e2e: while reading that backlog, window closes wait for the commit interval (a commit per window would slow the backlog): p99 emit latency there {p99:.0} ms over {n} windows; emit_latency_p99_ms is the live run's"
             ));
         }
         if let Some(q) = &x.quix {
