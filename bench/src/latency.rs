@@ -59,42 +59,45 @@ pub fn bench(
         // stop the processor: it stops when idle only after its watermark
         // has moved.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
+        let holds_tasks = loop {
             let st = status.snapshot();
             if st.join_tasks == partitions as usize && st.rollup_tasks == partitions as usize {
-                break;
+                break true;
             }
             if worker.is_finished() || std::time::Instant::now() >= deadline {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                worker
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("processor thread panicked"))??;
-                anyhow::bail!("the processor did not take its partitions within 120 s");
+                break false;
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        let produced = adstream_producer::run(
-            RunOptions {
-                generator: GeneratorConfig {
-                    seed: 31,
-                    event_rate: EVENT_RATE,
-                    ..Default::default()
+        };
+        let produced = if holds_tasks {
+            adstream_producer::run(
+                RunOptions {
+                    generator: GeneratorConfig {
+                        seed: 31,
+                        event_rate: EVENT_RATE,
+                        ..Default::default()
+                    },
+                    events: Some(events),
+                    duration: None,
+                    rate: Some(rate),
+                    target: Target::Kafka {
+                        bootstrap: kafka.bootstrap_servers.clone(),
+                        registry_url: kafka.schema_registry_url.clone(),
+                        overrides: kafka.rdkafka.clone(),
+                        topic_prefix: prefix.to_owned(),
+                    },
+                    record: None,
+                    episodes_out: None,
+                    progress_every: Duration::from_secs(3600),
                 },
-                events: Some(events),
-                duration: None,
-                rate: Some(rate),
-                target: Target::Kafka {
-                    bootstrap: kafka.bootstrap_servers.clone(),
-                    registry_url: kafka.schema_registry_url.clone(),
-                    overrides: kafka.rdkafka.clone(),
-                    topic_prefix: prefix.to_owned(),
-                },
-                record: None,
-                episodes_out: None,
-                progress_every: Duration::from_secs(3600),
-            },
-            &AtomicBool::new(false),
-        );
+                &AtomicBool::new(false),
+            )
+            .map(drop)
+        } else {
+            Err(anyhow::anyhow!(
+                "the processor did not take its partitions within 120 s"
+            ))
+        };
         if produced.is_err() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -108,11 +111,12 @@ pub fn bench(
         // second), and no impressions partition can have turned idle yet.
         std::thread::sleep(idle_timeout / 2);
         let live = metrics.emit_latencies_ms().len();
-        let processed = worker
+        // The processor's own error first: a processor that failed early is
+        // also why it never took its partitions.
+        worker
             .join()
-            .map_err(|_| anyhow::anyhow!("processor thread panicked"))?;
+            .map_err(|_| anyhow::anyhow!("processor thread panicked"))??;
         produced?;
-        processed?;
         Ok(live)
     })?;
     let all = metrics.emit_latencies_ms();
