@@ -732,7 +732,7 @@ fn main() -> anyhow::Result<()> {
         );
         figures.insert("emit_latency_p99_ms".into(), l.p99_ms);
         notes.push(format!(
-            "emit_latency_p99_ms: a live run ({} events produced at {:.0}/s from the moment the processor holds its partitions, while it keeps up; event time runs 1 minute per {:.1} s of wall time, so windows close often): p99 {:.0} ms, p50 {:.0} ms over {} window closes (one per window and rollup task), from the mark of the last join task whose watermark passed a window to the commit of the transaction holding its rollup; the {} closes when the input ended (every partition idle) are left out",
+            "emit_latency_p99_ms: a live run ({} events produced at {:.0}/s from the moment the processor holds its partitions, while it keeps up; event time runs 1 minute per {:.1} s of wall time, so windows close often): p99 {:.0} ms, p50 {:.0} ms over {} window closes (one per window and rollup task), from the mark of the last join task whose watermark passed a window to the commit of the transaction holding its rollup; the {} closes when the input ended are left out (idle marks made them: the processor files them under closed_by=\"idle\")",
             l.events,
             l.rate,
             60.0 * l.event_rate / l.rate,
@@ -779,7 +779,7 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some((p99, n)) = x.emit_latency {
             notes.push(format!(
-                "e2e: while reading that backlog, window closes wait for the commit interval (a commit per window would slow the backlog): p99 emit latency there {p99:.0} ms over {n} windows; emit_latency_p99_ms is the live run's"
+                "e2e: while reading that backlog, window closes wait for the commit interval (a commit per window would slow the backlog): p99 emit latency there {p99:.0} ms over {n} window closes (closes made by idle marks at the end left out); emit_latency_p99_ms is the live run's"
             ));
         }
         if let Some(q) = &x.quix {

@@ -21,9 +21,10 @@ pub struct Metrics {
     watermark: Gauge,
     state: Family<Labels, Gauge>,
     commits: Counter,
-    emit_latency: Histogram,
-    /// Emit latencies (ms) for benchmarks; the last `LATENCY_SAMPLES`.
-    latency_samples: Mutex<std::collections::VecDeque<u64>>,
+    emit_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Emit latencies (ms) for benchmarks, and whether an idle mark closed
+    /// the window; the last `LATENCY_SAMPLES`.
+    latency_samples: Mutex<std::collections::VecDeque<(u64, bool)>>,
     last: Mutex<EngineStats>,
 }
 
@@ -70,10 +71,13 @@ impl Metrics {
             "Offset commits after acknowledged outputs",
             commits.clone(),
         );
-        let emit_latency = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let emit_latency =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            });
         registry.register(
             "emit_latency_seconds",
-            "From the watermark passing a window (its last join task's mark) to the commit of its rollup",
+            "From the watermark passing a window (its last join task's mark) to the commit of its rollup, by what moved the watermark: event_time (input records) or idle (input stopped for --idle-timeout)",
             emit_latency.clone(),
         );
         Metrics {
@@ -141,9 +145,13 @@ impl Metrics {
         self.commits.inc();
     }
 
-    /// Records one window's emit latency.
-    pub fn emit_latency_ms(&self, ms: u64) {
-        self.emit_latency.observe(ms as f64 / 1000.0);
+    /// Records one window's emit latency; `idle`: an idle task's mark
+    /// closed it.
+    pub fn emit_latency_ms(&self, ms: u64, idle: bool) {
+        let cause = if idle { "idle" } else { "event_time" };
+        self.emit_latency
+            .get_or_create(&vec![("closed_by".to_owned(), cause.to_owned())])
+            .observe(ms as f64 / 1000.0);
         let mut s = self
             .latency_samples
             .lock()
@@ -151,17 +159,29 @@ impl Metrics {
         if s.len() == LATENCY_SAMPLES {
             s.pop_front();
         }
-        s.push_back(ms);
+        s.push_back((ms, idle));
     }
 
-    /// The recorded emit latencies (ms), oldest first.
+    /// The recorded emit latencies (ms) of windows that event time closed,
+    /// oldest first.
     pub fn emit_latencies_ms(&self) -> Vec<u64> {
         self.latency_samples
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .copied()
+            .filter(|(_, idle)| !idle)
+            .map(|(ms, _)| *ms)
             .collect()
+    }
+
+    /// How many of the recorded windows idle marks closed.
+    pub fn idle_closes(&self) -> usize {
+        self.latency_samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, idle)| *idle)
+            .count()
     }
 
     pub fn render(&self) -> String {
@@ -170,5 +190,28 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn emit_latency_is_filed_by_what_closed_the_window() {
+        let m = Metrics::new();
+        m.emit_latency_ms(120, false);
+        m.emit_latency_ms(2_400, true);
+        m.emit_latency_ms(90, false);
+        assert_eq!(m.emit_latencies_ms(), vec![120, 90]);
+        assert_eq!(m.idle_closes(), 1);
+        let text = m.render();
+        for cause in ["event_time", "idle"] {
+            let count = format!(
+                "adstream_processor_emit_latency_seconds_count{{closed_by=\"{cause}\"}} {}",
+                if cause == "idle" { 1 } else { 2 }
+            );
+            assert!(text.contains(&count), "{count} not in:\n{text}");
+        }
     }
 }

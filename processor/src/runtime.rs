@@ -61,7 +61,7 @@ use adstream_schemas::{
 };
 
 use crate::checkpoints::{CheckpointStore, CheckpointStoreError};
-use crate::engine::rollup::{Mark, PartialMessage, Rollup};
+use crate::engine::rollup::{Mark, PartialMessage, Rollup, WindowClose};
 use crate::engine::watermark::InputPartition;
 use crate::engine::{Engine, EngineConfig, EngineStats, Output, SideKind, SourceRef};
 use crate::metrics::Metrics;
@@ -322,8 +322,8 @@ struct Shell<'a> {
     /// A window closed (partials or results are waiting): commit now rather
     /// than at the end of the interval, for emit latency.
     window_closed: bool,
-    /// When the watermark passed each window emitted in the open transaction (wall ms).
-    close_times: Vec<i64>,
+    /// The marks that closed the windows emitted in the open transaction.
+    closes: Vec<WindowClose>,
     buf: Vec<u8>,
     commits: u64,
     restores: u64,
@@ -467,7 +467,7 @@ pub fn run(
         first_output_committed: false,
         produced: 0,
         window_closed: false,
-        close_times: Vec::new(),
+        closes: Vec::new(),
         buf: Vec::with_capacity(256),
         commits: 0,
         restores: 0,
@@ -1261,11 +1261,11 @@ impl Shell<'_> {
             if task.replay_to.is_some() {
                 continue;
             }
-            let closes = task.rollup.take_close_times();
-            if let Some(first) = closes.iter().min() {
+            let closes = task.rollup.take_closes();
+            if let Some(first) = closes.iter().map(|c| c.at_ms).min() {
                 tracing::debug!(task = %task.name(), windows = closes.len(), since_mark_ms = now_ms - first, "rollup closed windows");
             }
-            self.close_times.extend(closes);
+            self.closes.extend(closes);
             for out in task.rollup.drain_outputs() {
                 produced += 1;
                 self.window_closed = true;
@@ -1294,7 +1294,7 @@ impl Shell<'_> {
         }
         self.produced = 0;
         self.window_closed = false;
-        self.close_times.clear();
+        self.closes.clear();
         if let Err(e) = self.producer.begin_transaction() {
             tracing::warn!(error = %e, "cannot begin a transaction after an abort");
         }
@@ -1429,8 +1429,8 @@ impl Shell<'_> {
         self.produced = 0;
         self.window_closed = false;
         let now_ms = wall_ms();
-        for t in self.close_times.drain(..) {
-            metrics.emit_latency_ms((now_ms - t).max(0) as u64);
+        for c in self.closes.drain(..) {
+            metrics.emit_latency_ms((now_ms - c.at_ms).max(0) as u64, c.idle);
         }
         self.max_poll_gap = Duration::ZERO;
         self.write_checkpoints(last);

@@ -384,14 +384,25 @@ pub struct Rollup {
     last_partial: Vec<Option<(i64, String, u32)>>,
     watermark: i64,
     global: i64,
-    /// Per window closed since last taken: the wall time of the mark that closed it.
+    /// Per window closed since last taken: the mark that closed it.
     #[serde(skip)]
-    closed_at: Vec<i64>,
+    closed_at: Vec<WindowClose>,
     detector: AnomalyDetector,
     #[serde(skip)]
     outputs: Vec<Output>,
     stats: EngineStats,
     rollup_stats: RollupStats,
+}
+
+/// The mark that closed a window, for its emit latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowClose {
+    /// Wall time (ms) at which the join task sent the mark.
+    pub at_ms: i64,
+    /// The mark came from a task whose partitions are all idle: the window
+    /// closed because input stopped (after `--idle-timeout`), not because
+    /// event time passed it, so its latency includes that wait.
+    pub idle: bool,
 }
 
 impl Rollup {
@@ -489,10 +500,13 @@ impl Rollup {
             return;
         }
         *slot = Some(mark);
-        self.advance(mark.at_ms);
+        self.advance(WindowClose {
+            at_ms: mark.at_ms,
+            idle: mark.idle,
+        });
     }
 
-    fn advance(&mut self, at_ms: i64) {
+    fn advance(&mut self, by: WindowClose) {
         if self.marks.iter().any(Option::is_none) {
             return;
         }
@@ -507,7 +521,7 @@ impl Rollup {
         }
         self.watermark = candidate;
         for w in self.windows.close_until(candidate) {
-            self.closed_at.push(at_ms);
+            self.closed_at.push(by);
             emit_window(
                 &mut self.interner,
                 w,
@@ -529,9 +543,9 @@ impl Rollup {
         self.global
     }
 
-    /// For each window closed since the last call, the wall time (ms) of the
-    /// mark that let the watermark pass it.
-    pub fn take_close_times(&mut self) -> Vec<i64> {
+    /// For each window closed since the last call, the mark that let the
+    /// watermark pass it.
+    pub fn take_closes(&mut self) -> Vec<WindowClose> {
         std::mem::take(&mut self.closed_at)
     }
 
@@ -650,6 +664,38 @@ mod tests {
             .collect();
         want.sort();
         assert_eq!(ips, want);
+    }
+
+    #[test]
+    fn a_close_records_whether_an_idle_mark_made_it() {
+        let mark = |watermark, idle, at_ms| Mark {
+            watermark,
+            idle,
+            at_ms,
+        };
+        for last_idle in [false, true] {
+            let mut interner = Interner::default();
+            let mut out = Vec::new();
+            let w = big_window(&mut interner, 3);
+            partials_of(&mut interner, w, &mut out);
+            let mut r = Rollup::new(&EngineConfig::default(), 2);
+            for p in partials(out) {
+                r.on_partial(0, p).expect("a partial");
+            }
+            // An idle task ahead does not close the window: the other task
+            // holds it back.
+            r.on_mark(0, mark(60_000, true, 1));
+            r.on_mark(1, mark(59_999, false, 2));
+            assert!(r.take_closes().is_empty());
+            r.on_mark(1, mark(60_000, last_idle, 3));
+            assert_eq!(
+                r.take_closes(),
+                vec![WindowClose {
+                    at_ms: 3,
+                    idle: last_idle
+                }]
+            );
+        }
     }
 
     #[test]
