@@ -386,7 +386,7 @@ pub struct Rollup {
     global: i64,
     /// Per window closed since last taken: the mark that closed it.
     #[serde(skip)]
-    closed_at: Vec<WindowClose>,
+    closes: Vec<WindowClose>,
     detector: AnomalyDetector,
     #[serde(skip)]
     outputs: Vec<Output>,
@@ -415,7 +415,7 @@ impl Rollup {
             last_partial: vec![None; tasks],
             watermark: i64::MIN,
             global: i64::MIN,
-            closed_at: Vec::new(),
+            closes: Vec::new(),
             detector: AnomalyDetector::new(cfg.anomaly.clone()),
             outputs: Vec::new(),
             stats: EngineStats::default(),
@@ -521,7 +521,7 @@ impl Rollup {
         }
         self.watermark = candidate;
         for w in self.windows.close_until(candidate) {
-            self.closed_at.push(by);
+            self.closes.push(by);
             emit_window(
                 &mut self.interner,
                 w,
@@ -546,7 +546,7 @@ impl Rollup {
     /// For each window closed since the last call, the mark that let the
     /// watermark pass it.
     pub fn take_closes(&mut self) -> Vec<WindowClose> {
-        std::mem::take(&mut self.closed_at)
+        std::mem::take(&mut self.closes)
     }
 
     pub fn take_outputs(&mut self) -> Vec<Output> {
