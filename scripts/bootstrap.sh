@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the Rust build needs when they are missing:
 # cmake, a C/C++ compiler, pkg-config and libcurl headers for librdkafka
-# (rdkafka's cmake-build), python3-venv for the tool venvs.
+# (rdkafka's cmake-build), python3-venv for the tool venvs, iproute2's ss
+# (the fault test drops broker connections with ss -K).
 # Uses apt-get on Debian/Ubuntu; elsewhere it only says what is missing.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   || missing+=(libcurl4-openssl-dev)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null 2>&1; then

@@ -6,6 +6,7 @@
 //! but a partition count that differs from the one asked for is reported,
 //! because CONTRACT.md requires the three input topics to be co-partitioned.
 
+pub mod consumer_errors;
 pub mod resume;
 pub mod store;
 

@@ -21,6 +21,7 @@ pub struct Metrics {
     watermark: Gauge,
     state: Family<Labels, Gauge>,
     commits: Counter,
+    consumer_errors: Counter,
     emit_latency: Family<Labels, Histogram, fn() -> Histogram>,
     /// Emit latencies (ms) for benchmarks, and whether an idle mark closed
     /// the window; the last `LATENCY_SAMPLES`.
@@ -46,6 +47,7 @@ impl Metrics {
         let watermark = Gauge::default();
         let state = Family::<Labels, Gauge>::default();
         let commits = Counter::default();
+        let consumer_errors = Counter::default();
         registry.register(
             "input_records",
             "Input records by topic and outcome (counted, late, duplicate, unmatched, dead_letter)",
@@ -71,6 +73,11 @@ impl Metrics {
             "Offset commits after acknowledged outputs",
             commits.clone(),
         );
+        registry.register(
+            "consumer_errors",
+            "Errors the Kafka consumer reported and recovered from (lost connections, timeouts)",
+            consumer_errors.clone(),
+        );
         let emit_latency =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
                 Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
@@ -89,6 +96,7 @@ impl Metrics {
             watermark,
             state,
             commits,
+            consumer_errors,
             last: Mutex::new(EngineStats::default()),
         }
     }
@@ -143,6 +151,10 @@ impl Metrics {
 
     pub fn committed(&self) {
         self.commits.inc();
+    }
+
+    pub fn consumer_error(&self) {
+        self.consumer_errors.inc();
     }
 
     /// Records one window's emit latency; `idle`: an idle task's mark

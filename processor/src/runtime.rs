@@ -53,6 +53,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use adstream_admin::consumer_errors::consumer_error_is_fatal;
 use adstream_admin::resume::{cached_high_watermark, ResumeGuard};
 use adstream_schemas::codec::{split_frame, CodecError};
 use adstream_schemas::topics::{self, headers};
@@ -659,6 +660,13 @@ impl Shell<'_> {
                 };
                 let msg = match msg {
                     Ok(msg) => msg,
+                    Err(e) if !consumer_error_is_fatal(&e) => {
+                        // librdkafka reconnects and fetches on from its own
+                        // position; nothing is skipped, so only count it.
+                        metrics.consumer_error();
+                        tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
+                        continue;
+                    }
                     Err(e) => {
                         if let Some(held) = ahead.take() {
                             self.on_message(&held, stop)?;
@@ -1199,10 +1207,31 @@ impl Shell<'_> {
         })
     }
 
+    /// Produces what the tasks have ready; see [`Self::produce_ready`].
+    ///
+    /// After an abortable transaction error (a produce request that timed
+    /// out, a broker that dropped the transaction) librdkafka refuses every
+    /// further record of the transaction with `_STATE`. The outputs already
+    /// drained from the tasks are then lost to this transaction, so it is
+    /// handled as a failed commit is: abort, and rebuild the tasks from their
+    /// checkpoints, which replays those outputs. Only a fatal error stops.
+    fn flush_outputs(&mut self) -> Result<(), RuntimeError> {
+        match self.produce_ready() {
+            Err(RuntimeError::Kafka {
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::State),
+                ..
+            }) => {
+                tracing::warn!("the producer refused an output: the transaction failed; rebuilding tasks from their checkpoints");
+                self.reset_tasks("transaction failed while producing")
+            }
+            other => other,
+        }
+    }
+
     /// Produces what the tasks have ready (not during their replay): side
     /// outputs and partials of join tasks, then their marks when changed,
     /// then the rollups' results.
-    fn flush_outputs(&mut self) -> Result<(), RuntimeError> {
+    fn produce_ready(&mut self) -> Result<(), RuntimeError> {
         let now_ms = wall_ms();
         let partials = self.partials_partitions;
         let mut produced = 0u64;

@@ -50,6 +50,7 @@ use adstream_schemas::{
 };
 
 use crate::ocf::{encode_offsets, write_bytes, write_long, Compression, OcfBuilder};
+use adstream_admin::consumer_errors::consumer_error_is_fatal;
 use adstream_admin::resume::ResumeGuard;
 
 /// Writer schema of the files under `raw-invalid/`.
@@ -624,6 +625,10 @@ pub async fn run(
         let msg =
             match tokio::time::timeout(Duration::from_millis(100), loader.consumer.recv()).await {
                 Err(_) => continue,
+                Ok(Err(e)) if !consumer_error_is_fatal(&e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
+                    continue;
+                }
                 Ok(m) => m.map_err(kafka("consuming"))?,
             };
         let key = (msg.topic().to_owned(), msg.partition());

@@ -35,6 +35,7 @@ use adstream_schemas::topics;
 use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 
 use crate::migrations::{migrate, MigrationError};
+use adstream_admin::consumer_errors::consumer_error_is_fatal;
 use adstream_admin::resume::ResumeGuard;
 
 #[derive(Debug, Clone)]
@@ -628,6 +629,10 @@ pub async fn run(
         }
         let msg = match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
             Err(_) => continue,
+            Ok(Err(e)) if !consumer_error_is_fatal(&e) => {
+                tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
+                continue;
+            }
             Ok(m) => m.map_err(kafka("consuming"))?,
         };
         let topic = msg.topic().to_owned();

@@ -8,6 +8,8 @@
 //! restarts it (a processor under the same instance id), scales the
 //! processors 1 → 3 → 1, and pauses one processor with SIGSTOP past its
 //! session timeout (the zombie: it must refuse to commit when resumed).
+//! Once, it also closes every client's connections to the broker (`ss -K`,
+//! as a broker restart would): no instance may stop on that.
 //! At the end:
 //! - the result and side-output topics, read with `read_committed`, hold
 //!   exactly the oracle's rows and records (which also shows no input record
@@ -86,6 +88,14 @@ fn processor_binary() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The last `lines` lines of an instance's log, for a failure message: the
+/// log lives in a temporary directory that is gone once the test has failed.
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("(unreadable: {e})"));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The id the sink instance has among the cluster's instances.
@@ -279,6 +289,25 @@ fn broker_hides_aborted(stack: &Stack, prefix: &str) -> bool {
 /// from that run's logs, not proven). Real replacements take seconds.
 const REPLACEMENT_DELAY: Duration = Duration::from_secs(2);
 
+/// Closes every TCP connection to and from the broker's port (`ss -K`), as
+/// a broker restart or a network fault does; returns how many sockets it
+/// closed.
+fn drop_broker_connections(bootstrap: &str) -> usize {
+    let port = bootstrap
+        .rsplit(':')
+        .next()
+        .expect("bootstrap is host:port");
+    let out = Command::new("ss")
+        .args(["-K", "-t", "-n", "-H"])
+        .arg(format!("( sport = :{port} or dport = :{port} )"))
+        .output()
+        .expect("ss (iproute2) runs: scripts/bootstrap.sh installs it");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("ESTAB"))
+        .count()
+}
+
 /// Aborts whatever transaction the processor instances `ids` left open, as a
 /// replacement instance under the same id does when it starts
 /// (InitProducerId fences the old epoch and aborts its transaction).
@@ -457,6 +486,19 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             zombie_log = Some(z.log.clone());
             std::thread::sleep(Duration::from_secs(4));
         }
+        if i == kills / 2 {
+            // A broker restart or network blip: every client, processor and
+            // sink alike, sees its connections fail and must reconnect, not
+            // stop. The kill of this round still follows.
+            let dropped = drop_broker_connections(&stack.bootstrap);
+            eprintln!("network blip: dropped {dropped} broker connections");
+            assert!(
+                dropped > 0,
+                "ss -K closed no connection to the broker: this test needs root \
+                 (CAP_NET_ADMIN) and a kernel built with CONFIG_INET_DIAG_DESTROY"
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
         if i == 2 * kills / 3 {
             eprintln!("scale in: 3 -> 1 instances (kill -9 instances 1 and 2)");
             for id in [1, 2] {
@@ -574,9 +616,10 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
         for inst in cluster.live.values_mut() {
             assert!(
                 inst.child.try_wait().expect("wait").is_none(),
-                "instance {} exited; log {}",
+                "instance {} exited; the end of its log {}:\n{}",
                 inst.id,
-                inst.log.display()
+                inst.log.display(),
+                log_tail(&inst.log, 40)
             );
         }
         std::thread::sleep(Duration::from_secs(3));
