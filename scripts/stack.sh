@@ -431,7 +431,7 @@ up_kafka() {
   rotate_log "$KAFKA_LOG" "kafka (tansu) on 127.0.0.1:$KAFKA_PORT"
   pid=$(launch "$KAFKA_PIDF" "$KAFKA_LOG" \
     env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE -u SCHEMA_REGISTRY \
-    -u SCHEMA_REGISTRY_CACHE_EXPIRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+    -u SCHEMA_REGISTRY_CACHE_EXPIRY -u OTEL_EXPORTER_OTLP_ENDPOINT RUST_LOG="${ADSTREAM_TANSU_LOG:-warn}" \
     "$(tansu_bin)" broker --storage-engine memory://tansu/ \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT")
   if [ -z "$pid" ]; then fail_service kafka "it did not write its pid file" "$KAFKA_LOG"; return 1; fi

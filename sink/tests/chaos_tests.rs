@@ -26,6 +26,18 @@
 //! reader stalled for minutes), so the test then fences the two dead
 //! transactional ids, as a replacement instance would.
 //!
+//! tansu can also freeze for good: with several instances committing
+//! transactions that share partitions (every instance writes every partials
+//! partition), its EndTxn can acknowledge a commit and leave the
+//! transaction unfinished (a race between one EndTxn's marker writes and
+//! another's completion, read in its source, `dynostore.rs` `txn_end`). The
+//! group's offsets then stop moving and `read_committed` readers of those
+//! partitions see nothing more, whatever the clients do (a fresh
+//! InitProducerId does not clear it). Seen in one of five local runs.
+//! When the end of a run stalls with that signature (`broker_froze`), the
+//! test says so and runs the whole scenario once more on new topics; any
+//! other stall, or a second freeze, fails.
+//!
 //! On Apache Kafka (`ADSTREAM_BROKER_FENCES=1`, and a probe confirms the
 //! broker hides aborted records) every (window, key) must appear once in the
 //! topics. tansu neither fences a stale member's transactional offset commit
@@ -217,6 +229,15 @@ impl Cluster {
     }
 }
 
+/// A failed or abandoned run leaves no processes behind.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in self.live.keys().copied().collect::<Vec<_>>() {
+            self.kill(id);
+        }
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -364,8 +385,6 @@ fn distinct<K: Ord + std::fmt::Debug>(
 
 #[test]
 fn kills_scale_out_and_a_zombie_leave_results_exact() {
-    let n = env_or("ADSTREAM_CHAOS_EVENTS", 200_000);
-    let kills = env_or("ADSTREAM_CHAOS_KILLS", 8) as usize;
     let seed = env_or(
         "ADSTREAM_CHAOS_SEED",
         std::time::SystemTime::now()
@@ -373,6 +392,54 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             .map(|d| d.as_secs())
             .unwrap_or(1),
     );
+    // A run the broker froze proves nothing either way about the processor:
+    // it gets one more go, on new topics, and the output says so. Every
+    // other failure fails at once.
+    if let Err(froze) = scenario(seed) {
+        eprintln!(
+            "THE BROKER FROZE (not a processor failure): {froze}\n\
+             running the whole scenario once more on new topics, seed {}",
+            seed + 1
+        );
+        if let Err(again) = scenario(seed + 1) {
+            panic!("the broker froze in two runs in a row: {again}");
+        }
+    }
+}
+
+/// How long the end of the run may go without a new result before the
+/// test looks for a frozen broker.
+const STALL: Duration = Duration::from_secs(240);
+
+/// The signature of tansu's transaction-completion race (see the module
+/// doc): the broker acknowledged a transaction's commit (EndTxn) but never
+/// applied its offsets, so the processor reports, after its last restore,
+/// that the broker's committed offsets differ from those it committed, and
+/// `read_committed` readers stall for good. On Apache Kafka an acknowledged
+/// commit is applied, and an open transaction is aborted after
+/// `transaction.timeout.ms`, so this cannot last. Returns the evidence.
+fn broker_froze(cluster: &Cluster) -> Option<String> {
+    const DIFFER: &str = "the broker's committed offsets differ";
+    for inst in cluster.live.values().filter(|i| i.id != SINK) {
+        let text = std::fs::read_to_string(&inst.log).unwrap_or_default();
+        let since_restore = text
+            .rfind("tasks restored")
+            .map_or(text.as_str(), |at| &text[at..]);
+        if let Some(line) = since_restore.lines().rev().find(|l| l.contains(DIFFER)) {
+            return Some(format!(
+                "no new result for {} s, and processor {} last logged: {line}",
+                STALL.as_secs(),
+                inst.id
+            ));
+        }
+    }
+    None
+}
+
+/// One whole fault run; `Err` only when the broker froze (`broker_froze`).
+fn scenario(seed: u64) -> Result<(), String> {
+    let n = env_or("ADSTREAM_CHAOS_EVENTS", 200_000);
+    let kills = env_or("ADSTREAM_CHAOS_KILLS", 8) as usize;
     eprintln!("chaos: {n} events, {kills} kills, seed {seed}");
     let mut rng = Rng(seed);
     let stack = Stack::from_env();
@@ -575,6 +642,7 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     // Wait until every campaign window is out, then a little longer for the tail.
     let topic = |t: &str| vec![format!("{prefix}{t}")];
     let deadline = Instant::now() + Duration::from_secs(900);
+    let mut progress = ((0, 0), Instant::now());
     loop {
         let got = read_all(
             &stack.bootstrap,
@@ -606,6 +674,13 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
             && unmatched.len() >= expected.side_outputs["unmatched"].len()
         {
             break;
+        }
+        if (keys.len(), unmatched.len()) != progress.0 {
+            progress = ((keys.len(), unmatched.len()), Instant::now());
+        } else if progress.1.elapsed() >= STALL {
+            if let Some(evidence) = broker_froze(&cluster) {
+                return Err(evidence);
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -781,4 +856,5 @@ fn kills_scale_out_and_a_zombie_leave_results_exact() {
     }
     assert!(kills_done >= kills, "every scheduled kill happened");
     assert!(!times.is_empty(), "at least one recovery measured");
+    Ok(())
 }
