@@ -204,6 +204,7 @@ pub fn bench(kafka: &KafkaArgs, database_url: &str, n: u64) -> anyhow::Result<Pg
         batch_size: 20_000,
         linger: Duration::from_millis(500),
         consumer: "bench".into(),
+        retry_for: Duration::from_secs(300),
     };
     let stop = AtomicBool::new(false);
     let status = SinkStatus::default();

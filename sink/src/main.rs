@@ -57,6 +57,10 @@ struct PgLoad {
     /// Name under which positions are stored in sink_offsets.
     #[arg(long, default_value = "adstream-sink-postgres")]
     consumer: String,
+    /// How long a batch is retried while PostgreSQL cannot be reached
+    /// (lost connection, restart, failover) before the sink stops with the error.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    db_retry_for: Duration,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -132,6 +136,7 @@ fn pg_options(kafka: &KafkaArgs, pg: PgLoad) -> PgOptions {
         batch_size: pg.batch_size.max(1),
         linger: pg.linger,
         consumer: pg.consumer,
+        retry_for: pg.db_retry_for,
     }
 }
 

@@ -49,6 +49,9 @@ pub struct PgOptions {
     pub linger: Duration,
     /// Name under which positions are stored in `sink_offsets`.
     pub consumer: String,
+    /// How long a batch is retried while PostgreSQL cannot be reached
+    /// (connection lost, server restarting) before the loader gives up.
+    pub retry_for: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,31 @@ pub enum SinkError {
     MissingTopic(String),
     #[error("schema registry: {0}")]
     Schema(#[from] CodecError),
+}
+
+impl SinkError {
+    /// Whether writing again later may succeed: the database could not be
+    /// reached, the connection was lost or the server is shutting down or
+    /// starting, or the transaction lost a serialization or deadlock race.
+    /// A rejected statement or row is not retried: it would fail again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Pool(_) => true,
+            SinkError::Postgres { source, .. } => match source.code() {
+                // No SQLSTATE: an I/O error or a closed connection.
+                None => true,
+                Some(state) => {
+                    let code = state.code();
+                    code.starts_with("08") // connection exception
+                        || code.starts_with("57P") // admin/crash shutdown, cannot connect now
+                        || code == "53300" // too many connections
+                        || code == "40001" // serialization failure
+                        || code == "40P01" // deadlock detected
+                }
+            },
+            _ => false,
+        }
+    }
 }
 
 fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
@@ -451,6 +479,30 @@ async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkErr
     Ok(())
 }
 
+/// Writes one batch, retrying with backoff while the error is transient
+/// (`SinkError::is_transient`) and `retry_for` has not run out. A retry
+/// writes the same rows and positions in a new transaction, so a batch is
+/// loaded once whatever the number of tries.
+async fn flush_retrying(
+    pool: &Pool,
+    consumer: &str,
+    batch: &Batch,
+    retry_for: Duration,
+) -> Result<(), SinkError> {
+    let first = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match flush(pool, consumer, batch).await {
+            Err(e) if e.is_transient() && first.elapsed() + wait <= retry_for => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "writing a batch failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Waits for a batch being written and counts it.
 async fn finish(
     handle: tokio::task::JoinHandle<Result<usize, SinkError>>,
@@ -605,11 +657,14 @@ pub async fn run(
             }
             if batch.records > 0 {
                 let full = std::mem::take(&mut batch);
-                let (pool, consumer) = (pool.clone(), opts.consumer.clone());
+                let (pool, consumer, retry_for) =
+                    (pool.clone(), opts.consumer.clone(), opts.retry_for);
                 in_flight = Some(tokio::spawn(async move {
                     let t0 = Instant::now();
                     let filled_ms = full.started.map_or(0, |s| s.elapsed().as_millis() as u64);
-                    let written = flush(&pool, &consumer, &full).await.map(|()| full.rows());
+                    let written = flush_retrying(&pool, &consumer, &full, retry_for)
+                        .await
+                        .map(|()| full.rows());
                     tracing::debug!(
                         rows = full.rows(),
                         records = full.records,

@@ -7,6 +7,9 @@
 //!   objects in storage hold every input and result record exactly once by
 //!   (topic, partition, offset), equal to what Kafka holds, and nothing else.
 //! - Undecodable result records go to the dead-letter topic.
+//! - A database that refuses connections for a while (an outage, a restart)
+//!   makes the PostgreSQL loader retry its batch, not stop, and every row
+//!   is loaded once it is back.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -336,6 +339,7 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
         batch_size: 100,
         linger: Duration::from_millis(100),
         consumer: "dlq-test".into(),
+        retry_for: Duration::from_secs(60),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
@@ -533,4 +537,156 @@ fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
     let (objects, records) = check_storage(&rt, &store_url, &kafka);
     assert_eq!(records, kafka.len());
     assert!(objects > 1);
+}
+
+#[test]
+fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
+    use adstream_schemas::Codec;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::sync::atomic::Ordering;
+
+    let stack = Stack::from_env();
+    let rt = runtime();
+    let prefix = unique_prefix("sinkoutage");
+    rt.block_on(stack.create_topics(&prefix, 1));
+    let db_url = rt.block_on(fresh_database(&prefix));
+    let topic = format!("{prefix}ad-metrics");
+    let codec = Codec::new(&stack.registry_url).expect("codec");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.bootstrap)
+        .create()
+        .expect("producer");
+    let send_rows = |ads: std::ops::Range<u32>| {
+        rt.block_on(async {
+            for i in ads {
+                let row = AdMetric {
+                    window_start: 60_000,
+                    window_end: 120_000,
+                    campaign_id: "c".into(),
+                    ad_id: format!("ad-{i}"),
+                    search_keyword: "k".into(),
+                    state: "US-CA".into(),
+                    ip_range: "10.0.0.0/24".into(),
+                    device_type: "mobile".into(),
+                    impressions: i64::from(i) + 1,
+                    clicks: 0,
+                    conversions: 0,
+                    cost_micros: 0,
+                    revenue_micros: 0,
+                    ctr: Some(0.0),
+                    conversion_rate: None,
+                };
+                let value = codec.encode(&topic, &row).await.expect("encode");
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key("c").payload(&value),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("sent");
+            }
+        })
+    };
+    send_rows(0..50);
+    let opts = adstream_sink::postgres::PgOptions {
+        bootstrap: stack.bootstrap.clone(),
+        registry_url: stack.registry_url.clone(),
+        overrides: Vec::new(),
+        topic_prefix: prefix.clone(),
+        database_url: db_url.clone(),
+        batch_size: 100,
+        linger: Duration::from_millis(100),
+        consumer: "outage-test".into(),
+        retry_for: Duration::from_secs(120),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
+    let handle = {
+        let (stop, status) = (stop.clone(), status.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
+        })
+    };
+    let client = rt.block_on(connect(&db_url));
+    let count = || -> i64 {
+        rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
+            .map(|r| r.get(0))
+            .unwrap_or(-1)
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(!handle.is_finished(), "the loader stopped while {what}");
+            assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("loading the first rows", &|| count() == 50);
+
+    // The outage: the database takes no new connections and the loader's
+    // open ones are closed, from an administrator's connection elsewhere.
+    let db_name = rt
+        .block_on(client.query_one("SELECT current_database()", &[]))
+        .map(|r| r.get::<_, String>(0))
+        .expect("database name");
+    let own_pid: i32 = rt
+        .block_on(client.query_one("SELECT pg_backend_pid()", &[]))
+        .map(|r| r.get(0))
+        .expect("own pid");
+    let admin = rt.block_on(connect(&database_url()));
+    let outage = |allow: bool| {
+        rt.block_on(admin.batch_execute(&format!(
+            "ALTER DATABASE \"{db_name}\" WITH ALLOW_CONNECTIONS {allow}"
+        )))
+        .expect("ALTER DATABASE");
+    };
+    outage(false);
+    let closed: i64 = rt
+        .block_on(admin.query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> $2",
+            &[&db_name, &own_pid],
+        ))
+        .map(|r| r.get(0))
+        .expect("pg_terminate_backend");
+    assert!(closed >= 1, "the loader held no connection to close");
+    send_rows(50..100);
+    // The loader has read the new rows and its writes fail for a while.
+    wait_for("reading the rows sent during the outage", &|| {
+        status.records_read.load(Ordering::Relaxed) >= 100
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    if handle.is_finished() {
+        panic!("the loader stopped during the outage: {:?}", handle.join());
+    }
+    outage(true);
+
+    let client = rt.block_on(connect(&db_url));
+    let count = || -> i64 {
+        rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
+            .map(|r| r.get(0))
+            .unwrap_or(-1)
+    };
+    let t0 = Instant::now();
+    while count() < 100 {
+        assert!(!handle.is_finished(), "the loader stopped after the outage");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rows after the outage not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sum: i64 = rt
+        .block_on(client.query_one("SELECT sum(impressions)::bigint FROM ad_metrics", &[]))
+        .map(|r| r.get(0))
+        .expect("sum");
+    assert_eq!(
+        sum,
+        (1..=100).sum::<i64>(),
+        "each row once, with its values"
+    );
+    stop.store(true, Ordering::Relaxed);
+    handle.join().expect("thread").expect("sink run");
+    assert_eq!(status.rows_loaded.load(Ordering::Relaxed), 100);
 }
