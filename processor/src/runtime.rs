@@ -763,19 +763,10 @@ impl Shell<'_> {
         if self.codec.knows(id) {
             return;
         }
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.rt.block_on(self.codec.fetch_schema(id)) {
-                Ok(()) => return,
-                Err(e) if e.is_retryable() && !stop.load(Ordering::Relaxed) => {
-                    tracing::warn!(schema_id = id, error = %e, "schema registry unavailable; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-                // Unknown or unparsable: the engine sends the record to the dead letter topic.
-                Err(_) => return,
-            }
-        }
+        // Unknown or unparsable ids come back at once: the engine sends the
+        // record to the dead-letter topic.
+        self.rt
+            .block_on(self.codec.wait_for_writer_schema(value, stop));
     }
 
     /// One input record (`rec` carries its position; key and value are

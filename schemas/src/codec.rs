@@ -406,6 +406,28 @@ impl Codec {
         Ok(Some(latest.id))
     }
 
+    /// Makes sure the writer schema of the framed `value` is cached, waiting
+    /// out a registry that cannot be reached (backoff 200 ms doubling to
+    /// 10 s) until `stop` is set. An unknown id or an unusable schema is left
+    /// to `decode`, which reports it for the dead-letter topic: retrying
+    /// would not change it.
+    pub async fn wait_for_writer_schema(&self, value: &[u8], stop: &std::sync::atomic::AtomicBool) {
+        let Ok((id, _)) = split_frame(value) else {
+            return;
+        };
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match self.fetch_schema(id).await {
+                Err(e) if e.is_retryable() && !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                    tracing::warn!(schema_id = id, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// Fetches schema `id` from the registry into the cache.
     pub async fn fetch_schema(&self, id: u32) -> Result<(), CodecError> {
         if self.read_caches().by_id.contains_key(&id) {

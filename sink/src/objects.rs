@@ -465,12 +465,19 @@ impl Loader<'_> {
         })
     }
 
-    async fn on_message(&mut self, msg: &OwnedMessage) -> Result<(), ObjectSinkError> {
+    async fn on_message(
+        &mut self,
+        msg: &OwnedMessage,
+        stop: &AtomicBool,
+    ) -> Result<(), ObjectSinkError> {
         let key = (msg.topic().to_owned(), msg.partition());
         let Some(source) = self.sources.get(&key.0).cloned() else {
             return Ok(());
         };
         let offset = msg.offset();
+        if let Some(payload) = msg.payload() {
+            self.codec.wait_for_writer_schema(payload, stop).await;
+        }
         let placed = match msg.payload() {
             None => Err("invalid: record has no value".to_owned()),
             Some(payload) => match place(&self.codec, source.contract, payload).await {
@@ -638,6 +645,6 @@ pub async fn run(
         // The message borrows the consumer; detach it so the loader can
         // commit while handling it.
         let msg = msg.detach();
-        loader.on_message(&msg).await?;
+        loader.on_message(&msg, stop).await?;
     }
 }

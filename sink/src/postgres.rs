@@ -103,6 +103,22 @@ impl SinkError {
     }
 }
 
+/// A pool error with its causes: deadpool's and tokio-postgres's own
+/// messages ("db error") leave out what the server said.
+fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    SinkError::Pool(text)
+}
+
 fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
     move |source| SinkError::Postgres { context, source }
 }
@@ -448,10 +464,7 @@ async fn load<T: ResultRow>(
 
 /// Writes one batch and its positions in one transaction.
 async fn flush(pool: &Pool, consumer: &str, batch: &Batch) -> Result<(), SinkError> {
-    let mut client = pool
-        .get()
-        .await
-        .map_err(|e| SinkError::Pool(e.to_string()))?;
+    let mut client = pool.get().await.map_err(pool_error)?;
     client
         .batch_execute(STAGING)
         .await
@@ -566,10 +579,7 @@ pub async fn run(
 ) -> Result<(), SinkError> {
     let pool = pool(&opts.database_url)?;
     {
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| SinkError::Pool(e.to_string()))?;
+        let client = pool.get().await.map_err(pool_error)?;
         let applied = migrate(&client).await?;
         tracing::info!(?applied, "migrations");
     }
@@ -594,10 +604,7 @@ pub async fn run(
     let dead_letter_topic = format!("{}{}", opts.topic_prefix, topics::DEAD_LETTER);
 
     // Start every partition at its committed position in the database.
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| SinkError::Pool(e.to_string()))?;
+    let client = pool.get().await.map_err(pool_error)?;
     let stored: HashMap<(String, i32), i64> = client
         .query(
             "SELECT topic, partition, next_offset FROM sink_offsets WHERE consumer = $1",
@@ -711,6 +718,7 @@ pub async fn run(
             .await?;
             continue;
         };
+        codec.wait_for_writer_schema(value, stop).await;
         let decoded = if topic == names[0] {
             codec
                 .decode::<AdMetric>(value)

@@ -10,6 +10,8 @@
 //! - A database that refuses connections for a while (an outage, a restart)
 //!   makes the PostgreSQL loader retry its batch, not stop, and every row
 //!   is loaded once it is back.
+//! - A schema registry that cannot be reached holds records back (none goes
+//!   to the dead-letter topic) until it answers again.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -652,9 +654,11 @@ fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
         .expect("pg_terminate_backend");
     assert!(closed >= 1, "the loader held no connection to close");
     send_rows(50..100);
-    // The loader has read the new rows and its writes fail for a while.
-    wait_for("reading the rows sent during the outage", &|| {
-        status.records_read.load(Ordering::Relaxed) >= 100
+    // The loader has read a new row; its batch is due after the linger and
+    // fails to be written for as long as the outage lasts (reading stops
+    // too once the next batch is due: one batch is written at a time).
+    wait_for("reading a row sent during the outage", &|| {
+        status.records_read.load(Ordering::Relaxed) > 50
     });
     std::thread::sleep(Duration::from_secs(3));
     if handle.is_finished() {
@@ -689,4 +693,156 @@ fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
     stop.store(true, Ordering::Relaxed);
     handle.join().expect("thread").expect("sink run");
     assert_eq!(status.rows_loaded.load(Ordering::Relaxed), 100);
+}
+
+/// Forwards every connection accepted on `listener` to `to` (a TCP proxy
+/// the test can start late, to stand for a service that was down).
+fn forward(listener: std::net::TcpListener, to: String) {
+    use std::net::{Shutdown, TcpStream};
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let to = to.clone();
+            std::thread::spawn(move || {
+                let Ok(server) = TcpStream::connect(&to) else {
+                    return;
+                };
+                let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+                    return;
+                };
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                    let _ = s2.shutdown(Shutdown::Write);
+                });
+                let (mut client, mut server) = (client, server);
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+}
+
+#[test]
+fn a_registry_outage_holds_records_back_and_sends_none_to_the_dead_letter_topic() {
+    use adstream_schemas::Codec;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::sync::atomic::Ordering;
+
+    let stack = Stack::from_env();
+    let rt = runtime();
+    let prefix = unique_prefix("sinkregistry");
+    rt.block_on(stack.create_topics(&prefix, 1));
+    let db_url = rt.block_on(fresh_database(&prefix));
+    let topic = format!("{prefix}ad-metrics");
+    let codec = Codec::new(&stack.registry_url).expect("codec");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.bootstrap)
+        .create()
+        .expect("producer");
+    rt.block_on(async {
+        for i in 0..20 {
+            let row = AdMetric {
+                window_start: 60_000,
+                window_end: 120_000,
+                campaign_id: "c".into(),
+                ad_id: format!("ad-{i}"),
+                search_keyword: "k".into(),
+                state: "US-CA".into(),
+                ip_range: "10.0.0.0/24".into(),
+                device_type: "mobile".into(),
+                impressions: 1,
+                clicks: 0,
+                conversions: 0,
+                cost_micros: 0,
+                revenue_micros: 0,
+                ctr: Some(0.0),
+                conversion_rate: None,
+            };
+            let value = codec.encode(&topic, &row).await.expect("encode");
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("c").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("sent");
+        }
+    });
+    // The loader's registry is a port nothing listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let opts = adstream_sink::postgres::PgOptions {
+        bootstrap: stack.bootstrap.clone(),
+        registry_url: format!("http://127.0.0.1:{port}"),
+        overrides: Vec::new(),
+        topic_prefix: prefix.clone(),
+        database_url: db_url.clone(),
+        batch_size: 100,
+        linger: Duration::from_millis(100),
+        consumer: "registry-test".into(),
+        retry_for: Duration::from_secs(60),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
+    let handle = {
+        let (stop, status) = (stop.clone(), status.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
+        })
+    };
+    let t0 = Instant::now();
+    while status.records_read.load(Ordering::Relaxed) == 0 {
+        assert!(!handle.is_finished(), "the loader stopped");
+        assert!(t0.elapsed() < Duration::from_secs(60), "nothing read");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    if handle.is_finished() {
+        panic!(
+            "the loader stopped while the registry was down: {:?}",
+            handle.join()
+        );
+    }
+    let client = rt.block_on(connect(&db_url));
+    let count = || -> i64 {
+        rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
+            .map(|r| r.get(0))
+            .unwrap_or(-1)
+    };
+    assert_eq!(count(), 0, "nothing can be decoded without the registry");
+    assert_eq!(
+        status.undecodable.load(Ordering::Relaxed),
+        0,
+        "no dead letters"
+    );
+
+    let registry = stack
+        .registry_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    forward(
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the registry port again"),
+        registry,
+    );
+    let t0 = Instant::now();
+    while count() < 20 {
+        assert!(!handle.is_finished(), "the loader stopped");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "rows not loaded after the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    handle.join().expect("thread").expect("sink run");
+    assert_eq!(
+        status.undecodable.load(Ordering::Relaxed),
+        0,
+        "no dead letters"
+    );
+    assert_eq!(status.rows_loaded.load(Ordering::Relaxed), 20);
 }
