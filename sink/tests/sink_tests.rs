@@ -300,21 +300,11 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
     let topic = format!("{prefix}ad-metrics");
     let codec = Codec::new(&stack.registry_url).expect("codec");
     let row = AdMetric {
-        window_start: 60_000,
-        window_end: 120_000,
-        campaign_id: "c".into(),
-        ad_id: "a".into(),
-        search_keyword: "k".into(),
-        state: "US-CA".into(),
-        ip_range: "10.0.0.0/24".into(),
-        device_type: "mobile".into(),
-        impressions: 3,
         clicks: 1,
-        conversions: 0,
         cost_micros: 30,
-        revenue_micros: 0,
         ctr: Some(1.0 / 3.0),
         conversion_rate: Some(0.0),
+        ..metric_row("a", 3)
     };
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &stack.bootstrap)
@@ -332,25 +322,8 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
                 .expect("sent");
         }
     });
-    let opts = adstream_sink::postgres::PgOptions {
-        bootstrap: stack.bootstrap.clone(),
-        registry_url: stack.registry_url.clone(),
-        overrides: Vec::new(),
-        topic_prefix: prefix.clone(),
-        database_url: db_url.clone(),
-        batch_size: 100,
-        linger: Duration::from_millis(100),
-        consumer: "dlq-test".into(),
-        retry_for: Duration::from_secs(60),
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
-    let handle = {
-        let (stop, status) = (stop.clone(), status.clone());
-        std::thread::spawn(move || {
-            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
-        })
-    };
+    let mut loader =
+        RunningLoader::start(&stack, &prefix, &db_url, &stack.registry_url, "dlq-test");
     let client = rt.block_on(connect(&db_url));
     let t0 = Instant::now();
     loop {
@@ -361,6 +334,7 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
         if n == 1 {
             break;
         }
+        loader.assert_running("loading the valid row");
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the valid row after the bad one was not loaded"
@@ -398,14 +372,14 @@ fn undecodable_records_go_to_the_dead_letter_topic_and_replayed_rows_are_upserte
         if impressions == 5 {
             break;
         }
+        loader.assert_running("loading the replayed row");
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "the replayed row did not replace the first"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    handle.join().expect("thread").expect("sink run");
+    let status = loader.stop();
     assert_eq!(
         status
             .undecodable
@@ -541,11 +515,109 @@ fn objects_of_an_uncommitted_segment_are_deleted_at_start() {
     assert!(objects > 1);
 }
 
-#[test]
-fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
-    use adstream_schemas::Codec;
+/// A PostgreSQL loader (`adstream_sink::postgres::run`) in its own thread.
+struct RunningLoader {
+    handle: std::thread::JoinHandle<Result<(), adstream_sink::postgres::SinkError>>,
+    stop: Arc<AtomicBool>,
+    status: Arc<adstream_sink::postgres::SinkStatus>,
+}
+
+impl RunningLoader {
+    fn start(
+        stack: &Stack,
+        prefix: &str,
+        db_url: &str,
+        registry_url: &str,
+        consumer: &str,
+    ) -> Self {
+        let opts = adstream_sink::postgres::PgOptions {
+            bootstrap: stack.bootstrap.clone(),
+            registry_url: registry_url.to_owned(),
+            overrides: Vec::new(),
+            topic_prefix: prefix.to_owned(),
+            database_url: db_url.to_owned(),
+            batch_size: 100,
+            linger: Duration::from_millis(100),
+            consumer: consumer.to_owned(),
+            retry_for: Duration::from_secs(120),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
+        let handle = {
+            let (stop, status) = (stop.clone(), status.clone());
+            std::thread::spawn(move || {
+                runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
+            })
+        };
+        RunningLoader {
+            handle,
+            stop,
+            status,
+        }
+    }
+
+    /// Panics with the loader's result if it has stopped.
+    fn assert_running(&mut self, what: &str) {
+        if self.handle.is_finished() {
+            let handle = std::mem::replace(&mut self.handle, std::thread::spawn(|| Ok(())));
+            panic!("the loader stopped {what}: {:?}", handle.join());
+        }
+    }
+
+    /// Stops it and checks that it ended without an error.
+    fn stop(self) -> Arc<adstream_sink::postgres::SinkStatus> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("thread").expect("sink run");
+        self.status
+    }
+}
+
+/// An ad-metrics row of window [60 s, 120 s) of campaign "c".
+fn metric_row(ad_id: &str, impressions: i64) -> AdMetric {
+    AdMetric {
+        window_start: 60_000,
+        window_end: 120_000,
+        campaign_id: "c".into(),
+        ad_id: ad_id.into(),
+        search_keyword: "k".into(),
+        state: "US-CA".into(),
+        ip_range: "10.0.0.0/24".into(),
+        device_type: "mobile".into(),
+        impressions,
+        clicks: 0,
+        conversions: 0,
+        cost_micros: 0,
+        revenue_micros: 0,
+        ctr: Some(0.0),
+        conversion_rate: None,
+    }
+}
+
+/// Sends `rows` to `topic` in the Confluent wire format, one at a time.
+fn send_metrics(rt: &tokio::runtime::Runtime, stack: &Stack, topic: &str, rows: &[AdMetric]) {
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
+    let codec = adstream_schemas::Codec::new(&stack.registry_url).expect("codec");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.bootstrap)
+        .create()
+        .expect("producer");
+    rt.block_on(async {
+        for row in rows {
+            let value = codec.encode(topic, row).await.expect("encode");
+            producer
+                .send(
+                    FutureRecord::to(topic).key("c").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("sent");
+        }
+    });
+}
+
+#[test]
+fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
     use std::sync::atomic::Ordering;
 
     let stack = Stack::from_env();
@@ -554,96 +626,43 @@ fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
     rt.block_on(stack.create_topics(&prefix, 1));
     let db_url = rt.block_on(fresh_database(&prefix));
     let topic = format!("{prefix}ad-metrics");
-    let codec = Codec::new(&stack.registry_url).expect("codec");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.bootstrap)
-        .create()
-        .expect("producer");
-    let send_rows = |ads: std::ops::Range<u32>| {
-        rt.block_on(async {
-            for i in ads {
-                let row = AdMetric {
-                    window_start: 60_000,
-                    window_end: 120_000,
-                    campaign_id: "c".into(),
-                    ad_id: format!("ad-{i}"),
-                    search_keyword: "k".into(),
-                    state: "US-CA".into(),
-                    ip_range: "10.0.0.0/24".into(),
-                    device_type: "mobile".into(),
-                    impressions: i64::from(i) + 1,
-                    clicks: 0,
-                    conversions: 0,
-                    cost_micros: 0,
-                    revenue_micros: 0,
-                    ctr: Some(0.0),
-                    conversion_rate: None,
-                };
-                let value = codec.encode(&topic, &row).await.expect("encode");
-                producer
-                    .send(
-                        FutureRecord::to(&topic).key("c").payload(&value),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .expect("sent");
-            }
-        })
+    let rows = |ads: std::ops::Range<i64>| -> Vec<AdMetric> {
+        ads.map(|i| metric_row(&format!("ad-{i}"), i + 1)).collect()
     };
-    send_rows(0..50);
-    let opts = adstream_sink::postgres::PgOptions {
-        bootstrap: stack.bootstrap.clone(),
-        registry_url: stack.registry_url.clone(),
-        overrides: Vec::new(),
-        topic_prefix: prefix.clone(),
-        database_url: db_url.clone(),
-        batch_size: 100,
-        linger: Duration::from_millis(100),
-        consumer: "outage-test".into(),
-        retry_for: Duration::from_secs(120),
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
-    let handle = {
-        let (stop, status) = (stop.clone(), status.clone());
-        std::thread::spawn(move || {
-            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
-        })
-    };
+    send_metrics(&rt, &stack, &topic, &rows(0..50));
+    let mut loader =
+        RunningLoader::start(&stack, &prefix, &db_url, &stack.registry_url, "outage-test");
     let client = rt.block_on(connect(&db_url));
-    let count = || -> i64 {
+    let count = |client: &Client| -> i64 {
         rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
             .map(|r| r.get(0))
             .unwrap_or(-1)
     };
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let t0 = Instant::now();
-        while !done() {
-            assert!(!handle.is_finished(), "the loader stopped while {what}");
-            assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_for("loading the first rows", &|| count() == 50);
+    let t0 = Instant::now();
+    while count(&client) < 50 {
+        loader.assert_running("before the outage");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "first rows not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The outage: the database takes no new connections and the loader's
     // open ones are closed, from an administrator's connection elsewhere.
-    let db_name = rt
-        .block_on(client.query_one("SELECT current_database()", &[]))
-        .map(|r| r.get::<_, String>(0))
-        .expect("database name");
-    let own_pid: i32 = rt
-        .block_on(client.query_one("SELECT pg_backend_pid()", &[]))
-        .map(|r| r.get(0))
-        .expect("own pid");
+    let (db_name, own_pid): (String, i32) = rt
+        .block_on(client.query_one("SELECT current_database(), pg_backend_pid()", &[]))
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("database name and own pid");
     let admin = rt.block_on(connect(&database_url()));
-    let outage = |allow: bool| {
+    let outage = |on: bool| {
         rt.block_on(admin.batch_execute(&format!(
-            "ALTER DATABASE \"{db_name}\" WITH ALLOW_CONNECTIONS {allow}"
+            "ALTER DATABASE \"{db_name}\" WITH ALLOW_CONNECTIONS {}",
+            !on
         )))
         .expect("ALTER DATABASE");
     };
-    outage(false);
+    outage(true);
     let closed: i64 = rt
         .block_on(admin.query_one(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -653,28 +672,13 @@ fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
         .map(|r| r.get(0))
         .expect("pg_terminate_backend");
     assert!(closed >= 1, "the loader held no connection to close");
-    send_rows(50..100);
-    // The loader has read a new row; its batch is due after the linger and
-    // fails to be written for as long as the outage lasts (reading stops
-    // too once the next batch is due: one batch is written at a time).
-    wait_for("reading a row sent during the outage", &|| {
-        status.records_read.load(Ordering::Relaxed) > 50
-    });
-    std::thread::sleep(Duration::from_secs(3));
-    if handle.is_finished() {
-        panic!("the loader stopped during the outage: {:?}", handle.join());
-    }
-    outage(true);
+    send_rows_during_outage(&rt, &stack, &topic, &rows(50..100), &mut loader);
+    outage(false);
 
     let client = rt.block_on(connect(&db_url));
-    let count = || -> i64 {
-        rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
-            .map(|r| r.get(0))
-            .unwrap_or(-1)
-    };
     let t0 = Instant::now();
-    while count() < 100 {
-        assert!(!handle.is_finished(), "the loader stopped after the outage");
+    while count(&client) < 100 {
+        loader.assert_running("after the outage");
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "rows after the outage not loaded"
@@ -690,9 +694,35 @@ fn a_database_outage_is_retried_and_every_row_is_loaded_after_it() {
         (1..=100).sum::<i64>(),
         "each row once, with its values"
     );
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("thread").expect("sink run");
+    let status = loader.stop();
     assert_eq!(status.rows_loaded.load(Ordering::Relaxed), 100);
+}
+
+/// Sends `rows` while the database is down and waits until the loader has
+/// read one of them: its batch is due after the linger and cannot be
+/// written while the outage lasts (reading pauses too once the next batch
+/// is due: one batch is written at a time). The loader must keep running.
+fn send_rows_during_outage(
+    rt: &tokio::runtime::Runtime,
+    stack: &Stack,
+    topic: &str,
+    rows: &[AdMetric],
+    loader: &mut RunningLoader,
+) {
+    use std::sync::atomic::Ordering;
+    let before = loader.status.records_read.load(Ordering::Relaxed);
+    send_metrics(rt, stack, topic, rows);
+    let t0 = Instant::now();
+    while loader.status.records_read.load(Ordering::Relaxed) == before {
+        loader.assert_running("during the outage");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no row read during the outage"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    loader.assert_running("during the outage");
 }
 
 /// Forwards every connection accepted on `listener` to `to` (a TCP proxy
@@ -724,9 +754,6 @@ fn forward(listener: std::net::TcpListener, to: String) {
 
 #[test]
 fn a_registry_outage_holds_records_back_and_sends_none_to_the_dead_letter_topic() {
-    use adstream_schemas::Codec;
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
     use std::sync::atomic::Ordering;
 
     let stack = Stack::from_env();
@@ -735,77 +762,23 @@ fn a_registry_outage_holds_records_back_and_sends_none_to_the_dead_letter_topic(
     rt.block_on(stack.create_topics(&prefix, 1));
     let db_url = rt.block_on(fresh_database(&prefix));
     let topic = format!("{prefix}ad-metrics");
-    let codec = Codec::new(&stack.registry_url).expect("codec");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.bootstrap)
-        .create()
-        .expect("producer");
-    rt.block_on(async {
-        for i in 0..20 {
-            let row = AdMetric {
-                window_start: 60_000,
-                window_end: 120_000,
-                campaign_id: "c".into(),
-                ad_id: format!("ad-{i}"),
-                search_keyword: "k".into(),
-                state: "US-CA".into(),
-                ip_range: "10.0.0.0/24".into(),
-                device_type: "mobile".into(),
-                impressions: 1,
-                clicks: 0,
-                conversions: 0,
-                cost_micros: 0,
-                revenue_micros: 0,
-                ctr: Some(0.0),
-                conversion_rate: None,
-            };
-            let value = codec.encode(&topic, &row).await.expect("encode");
-            producer
-                .send(
-                    FutureRecord::to(&topic).key("c").payload(&value),
-                    Duration::from_secs(10),
-                )
-                .await
-                .expect("sent");
-        }
-    });
+    let rows: Vec<AdMetric> = (0..20).map(|i| metric_row(&format!("ad-{i}"), 1)).collect();
+    send_metrics(&rt, &stack, &topic, &rows);
     // The loader's registry is a port nothing listens on yet.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let opts = adstream_sink::postgres::PgOptions {
-        bootstrap: stack.bootstrap.clone(),
-        registry_url: format!("http://127.0.0.1:{port}"),
-        overrides: Vec::new(),
-        topic_prefix: prefix.clone(),
-        database_url: db_url.clone(),
-        batch_size: 100,
-        linger: Duration::from_millis(100),
-        consumer: "registry-test".into(),
-        retry_for: Duration::from_secs(60),
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let status = Arc::new(adstream_sink::postgres::SinkStatus::default());
-    let handle = {
-        let (stop, status) = (stop.clone(), status.clone());
-        std::thread::spawn(move || {
-            runtime().block_on(adstream_sink::postgres::run(&opts, &stop, &status))
-        })
-    };
+    let registry_url = format!("http://127.0.0.1:{port}");
+    let mut loader = RunningLoader::start(&stack, &prefix, &db_url, &registry_url, "registry-test");
     let t0 = Instant::now();
-    while status.records_read.load(Ordering::Relaxed) == 0 {
-        assert!(!handle.is_finished(), "the loader stopped");
+    while loader.status.records_read.load(Ordering::Relaxed) == 0 {
+        loader.assert_running("before reading");
         assert!(t0.elapsed() < Duration::from_secs(60), "nothing read");
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(3));
-    if handle.is_finished() {
-        panic!(
-            "the loader stopped while the registry was down: {:?}",
-            handle.join()
-        );
-    }
+    loader.assert_running("while the registry was down");
     let client = rt.block_on(connect(&db_url));
     let count = || -> i64 {
         rt.block_on(client.query_one("SELECT count(*) FROM ad_metrics", &[]))
@@ -814,7 +787,7 @@ fn a_registry_outage_holds_records_back_and_sends_none_to_the_dead_letter_topic(
     };
     assert_eq!(count(), 0, "nothing can be decoded without the registry");
     assert_eq!(
-        status.undecodable.load(Ordering::Relaxed),
+        loader.status.undecodable.load(Ordering::Relaxed),
         0,
         "no dead letters"
     );
@@ -830,15 +803,14 @@ fn a_registry_outage_holds_records_back_and_sends_none_to_the_dead_letter_topic(
     );
     let t0 = Instant::now();
     while count() < 20 {
-        assert!(!handle.is_finished(), "the loader stopped");
+        loader.assert_running("after the registry came back");
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "rows not loaded after the outage"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("thread").expect("sink run");
+    let status = loader.stop();
     assert_eq!(
         status.undecodable.load(Ordering::Relaxed),
         0,
