@@ -3,7 +3,7 @@
 //! reading back what PostgreSQL and object storage hold.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -299,8 +299,9 @@ pub fn check_storage(
     (objects, seen.len())
 }
 
-/// Objects stored under the URL (the loader's own `_sink/` intents aside).
-pub fn count_objects(rt: &tokio::runtime::Runtime, store_url: &str) -> usize {
+/// Names of the objects stored under the URL (the loader's own `_sink/`
+/// intents aside).
+pub fn object_keys(rt: &tokio::runtime::Runtime, store_url: &str) -> BTreeSet<String> {
     use futures_util::TryStreamExt as _;
     let (store, root) = adstream_sink::objects::open_store(store_url).expect("store");
     let listed: Vec<object_store::ObjectMeta> = rt
@@ -308,8 +309,9 @@ pub fn count_objects(rt: &tokio::runtime::Runtime, store_url: &str) -> usize {
         .expect("list objects");
     listed
         .iter()
-        .filter(|m| !m.location.as_ref().contains("/_sink/"))
-        .count()
+        .map(|m| m.location.as_ref().to_owned())
+        .filter(|k| !k.contains("/_sink/"))
+        .collect()
 }
 
 /// Whether the consumer group `group` has committed past every record of `kafka`.
