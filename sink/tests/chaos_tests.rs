@@ -33,7 +33,7 @@
 //! another's completion, read in its source, `dynostore.rs` `txn_end`). The
 //! group's offsets then stop moving and `read_committed` readers of those
 //! partitions see nothing more, whatever the clients do (a fresh
-//! InitProducerId does not clear it). Seen in one of five local runs.
+//! InitProducerId does not clear it). Seen in one of six local runs on 2026-11-27.
 //! When the end of a run stalls with that signature (`broker_froze`), the
 //! test says so and runs the whole scenario once more on new topics; any
 //! other stall, or a second freeze, fails.
