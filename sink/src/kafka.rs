@@ -1,11 +1,15 @@
-//! Kafka plumbing both loaders share: the consumer they read with and the
-//! partitions of the topics they assign themselves.
+//! Kafka plumbing both loaders share: the consumer they read with, how they
+//! take the next record, and the partitions of the topics they assign
+//! themselves.
 
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+
+use adstream_admin::consumer_errors::consumer_error_is_fatal;
 
 /// A consumer that reads committed records only and never commits or stores
 /// offsets by itself (each loader keeps its positions its own way).
@@ -41,4 +45,22 @@ pub fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec<i
         .iter()
         .find(|m| m.name() == topic && m.error().is_none() && !m.partitions().is_empty())
         .map(|m| m.partitions().iter().map(|p| p.id()).collect()))
+}
+
+/// The next record, or `None` when none came within `wait` or the consumer
+/// reported an error librdkafka recovers from by itself (logged; see
+/// `consumer_error_is_fatal`). Only a fatal error is returned.
+pub async fn next_record(
+    consumer: &StreamConsumer,
+    wait: Duration,
+) -> Result<Option<BorrowedMessage<'_>>, KafkaError> {
+    match tokio::time::timeout(wait, consumer.recv()).await {
+        Err(_) => Ok(None),
+        Ok(Ok(msg)) => Ok(Some(msg)),
+        Ok(Err(e)) if !consumer_error_is_fatal(&e) => {
+            tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
+            Ok(None)
+        }
+        Ok(Err(e)) => Err(e),
+    }
 }

@@ -50,7 +50,6 @@ use adstream_schemas::{
 };
 
 use crate::ocf::{encode_offsets, write_bytes, write_long, Compression, OcfBuilder};
-use adstream_admin::consumer_errors::consumer_error_is_fatal;
 use adstream_admin::resume::ResumeGuard;
 
 /// Writer schema of the files under `raw-invalid/`.
@@ -475,16 +474,16 @@ impl Loader<'_> {
             return Ok(());
         };
         let offset = msg.offset();
-        if let Some(payload) = msg.payload() {
-            self.codec.wait_for_writer_schema(payload, stop).await;
-        }
         let placed = match msg.payload() {
             None => Err("invalid: record has no value".to_owned()),
-            Some(payload) => match place(&self.codec, source.contract, payload).await {
-                Ok(p) => Ok(p),
-                Err(e) if e.is_retryable() => return Err(e.into()),
-                Err(e) => Err(format!("undecodable: {}: {e}", e.reason_code())),
-            },
+            Some(payload) => {
+                self.codec.wait_for_writer_schema(payload, stop).await;
+                match place(&self.codec, source.contract, payload).await {
+                    Ok(p) => Ok(p),
+                    Err(e) if e.is_retryable() => return Err(e.into()),
+                    Err(e) => Err(format!("undecodable: {}: {e}", e.reason_code())),
+                }
+            }
         };
         let (file_key, datum): (FileKey, std::borrow::Cow<'_, [u8]>) = match &placed {
             Ok(p) => {
@@ -629,15 +628,12 @@ pub async fn run(
             loader.close_all(|s| s.opened.elapsed() >= max_open).await?;
             last_age_check = Instant::now();
         }
-        let msg =
-            match tokio::time::timeout(Duration::from_millis(100), loader.consumer.recv()).await {
-                Err(_) => continue,
-                Ok(Err(e)) if !consumer_error_is_fatal(&e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
-                    continue;
-                }
-                Ok(m) => m.map_err(kafka("consuming"))?,
-            };
+        let Some(msg) = crate::kafka::next_record(&loader.consumer, Duration::from_millis(100))
+            .await
+            .map_err(kafka("consuming"))?
+        else {
+            continue;
+        };
         let key = (msg.topic().to_owned(), msg.partition());
         if !resume.admit(&key, msg.offset()) {
             continue;

@@ -35,7 +35,6 @@ use adstream_schemas::topics;
 use adstream_schemas::{AdMetric, AnomalyAlert, CampaignCtr, Codec, CodecError};
 
 use crate::migrations::{migrate, MigrationError};
-use adstream_admin::consumer_errors::consumer_error_is_fatal;
 use adstream_admin::resume::ResumeGuard;
 
 #[derive(Debug, Clone)]
@@ -689,13 +688,11 @@ pub async fn run(
                 return Ok(());
             }
         }
-        let msg = match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
-            Err(_) => continue,
-            Ok(Err(e)) if !consumer_error_is_fatal(&e) => {
-                tracing::warn!(error = %e, "Kafka consumer error; librdkafka recovers from it");
-                continue;
-            }
-            Ok(m) => m.map_err(kafka("consuming"))?,
+        let Some(msg) = crate::kafka::next_record(&consumer, Duration::from_millis(100))
+            .await
+            .map_err(kafka("consuming"))?
+        else {
+            continue;
         };
         let topic = msg.topic().to_owned();
         let key = (topic.clone(), msg.partition());
