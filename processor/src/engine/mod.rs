@@ -211,8 +211,16 @@ pub enum CheckpointError {
 }
 
 /// Version of the state layout in checkpoints; bumped whenever a
-/// checkpointed type changes shape.
-pub const CHECKPOINT_FORMAT: u16 = 3;
+/// checkpointed type changes shape or meaning.
+///
+/// 4: a window's cells may repeat a grain (they are a log, merged when the
+/// window closes). The bytes are those of format 3, whose cells were a map
+/// from grain to cell: 3 reads as 4 (a log without repeats), but a build
+/// that writes 3 must not read 4, which is why the number changed.
+pub const CHECKPOINT_FORMAT: u16 = 4;
+
+/// Older formats this build reads as [`CHECKPOINT_FORMAT`].
+const READS_FORMATS: [u16; 1] = [3];
 
 /// Prefixes serialized state with a tag and [`CHECKPOINT_FORMAT`].
 pub(crate) fn framed_checkpoint(tag: &[u8; 4], state: &impl Serialize) -> Vec<u8> {
@@ -223,18 +231,20 @@ pub(crate) fn framed_checkpoint(tag: &[u8; 4], state: &impl Serialize) -> Vec<u8
     out
 }
 
-/// The state after a [`framed_checkpoint`] header, if tag and format match.
+/// The state after a [`framed_checkpoint`] header, if the tag matches and
+/// the format is one this build reads.
 pub(crate) fn unframed_checkpoint<'a>(
     tag: &[u8; 4],
     bytes: &'a [u8],
 ) -> Result<&'a [u8], CheckpointError> {
-    match bytes.split_at_checked(6) {
-        Some((head, rest))
-            if head[..4] == tag[..] && head[4..] == CHECKPOINT_FORMAT.to_le_bytes() =>
-        {
-            Ok(rest)
-        }
-        _ => Err(CheckpointError::Format),
+    let Some((head, rest)) = bytes.split_at_checked(6) else {
+        return Err(CheckpointError::Format);
+    };
+    let format = u16::from_le_bytes([head[4], head[5]]);
+    if head[..4] == tag[..] && (format == CHECKPOINT_FORMAT || READS_FORMATS.contains(&format)) {
+        Ok(rest)
+    } else {
+        Err(CheckpointError::Format)
     }
 }
 
@@ -480,12 +490,12 @@ impl Engine {
                         r.device_type,
                     );
                     let st = &mut self.state;
-                    if st
-                        .windows
-                        .add(r.event_time, grain, &Measures::impression(r.cost_micros))
-                    {
-                        st.interner.retain(grain);
-                    }
+                    st.windows.add(
+                        r.event_time,
+                        grain,
+                        &Measures::impression(r.cost_micros),
+                        &mut st.interner,
+                    );
                     st.join.on_impression(
                         absent,
                         r.event_time,
@@ -555,9 +565,7 @@ impl Engine {
                 } => (CONVERSIONS, t, grain, Measures::conversion(revenue_micros)),
             };
             st.stats.by_topic[topic as usize].counted += 1;
-            if st.windows.add(t, grain, &m) {
-                st.interner.retain(grain);
-            }
+            st.windows.add(t, grain, &m, &mut st.interner);
         }
     }
 
@@ -604,8 +612,8 @@ impl Engine {
             });
         }
         let st = &mut self.state;
-        for w in st.windows.close_until(wm) {
-            match st.mode {
+        for w in st.windows.close_until(wm, &mut st.interner) {
+            let cells = match st.mode {
                 WindowOutput::Final => emit_window(
                     &mut st.interner,
                     w,
@@ -615,9 +623,10 @@ impl Engine {
                 ),
                 WindowOutput::Partials => {
                     st.stats.windows_closed += 1;
-                    partials_of(&mut st.interner, w, &mut self.outputs);
+                    partials_of(&mut st.interner, w, &mut self.outputs)
                 }
-            }
+            };
+            st.windows.recycle(cells);
         }
     }
 

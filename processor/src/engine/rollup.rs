@@ -248,19 +248,19 @@ impl AdMetricRows {
 /// Emits one closed window: its ad-metrics rows in grain order, then per
 /// campaign its campaign-ctr row followed by the alerts it opens.
 ///
-/// Gives back the references the window's cells held.
+/// Gives back the references the window's cells held, and the emptied
+/// cell vector (for [`WindowStore::recycle`]).
 pub(crate) fn emit_window(
     interner: &mut Interner,
     w: ClosedWindow,
     detector: &mut AnomalyDetector,
     outputs: &mut Vec<Output>,
     stats: &mut EngineStats,
-) {
+) -> Vec<(GrainId, Measures)> {
     stats.windows_closed += 1;
-    // Rows in grain order (by dimension values), so a window's output order
-    // does not depend on the order records were interned in.
-    let mut cells = w.cells;
-    interner.sort_cells(&mut cells);
+    // The cells come in grain order (by dimension values), so a window's
+    // output order does not depend on the order records were interned in.
+    let cells = w.cells;
     // Campaign is the first grain dimension: its cells are adjacent.
     let mut campaigns: Vec<(u32, Measures)> = Vec::new();
     for (g, m) in &cells {
@@ -302,9 +302,11 @@ pub(crate) fn emit_window(
             outputs.push(Output::Alert(a));
         }
     }
-    for (g, _) in cells {
+    let mut cells = cells;
+    for (g, _) in cells.drain(..) {
         interner.release(g);
     }
+    cells
 }
 
 /// Encoded size above which a campaign's cells continue in a new chunk:
@@ -317,13 +319,17 @@ const CELL_BYTES: usize = 6 * 4 + 5 * 8;
 /// Splits a window closed by a join task into per-campaign partials (in
 /// chunks of at most about [`CHUNK_BYTES`]), in campaign order.
 ///
-/// Gives back the references the window's cells held.
-pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Vec<Output>) {
+/// Gives back the references the window's cells held, and the emptied
+/// cell vector (for [`WindowStore::recycle`]).
+pub(crate) fn partials_of(
+    interner: &mut Interner,
+    w: ClosedWindow,
+    out: &mut Vec<Output>,
+) -> Vec<(GrainId, Measures)> {
     let mut cells = w.cells;
-    interner.sort_cells(&mut cells);
     let mut table = BatchStrings::new(interner);
     let mut current: Option<(Partial, usize)> = None;
-    for (g, m) in cells {
+    for (g, m) in cells.drain(..) {
         let campaign = interner.campaign_of(g);
         let fits = |c: &Partial, bytes: usize| {
             c.campaign_id == interner.string(campaign) && bytes + CELL_BYTES + 256 <= CHUNK_BYTES
@@ -365,6 +371,7 @@ pub(crate) fn partials_of(interner: &mut Interner, w: ClosedWindow, out: &mut Ve
     if let Some((done, _)) = current {
         out.push(Output::Partial(done));
     }
+    cells
 }
 
 /// Counters of the rollup stage.
@@ -478,9 +485,7 @@ impl Rollup {
         let ids: Vec<u32> = p.strings.iter().map(|s| self.interner.hold(s)).collect();
         for (cell, m) in &p.cells {
             let g = ids::map_strings(*cell, |i| ids[i as usize]);
-            if self.windows.add(this.0, g, m) {
-                self.interner.retain(g);
-            }
+            self.windows.add(this.0, g, m, &mut self.interner);
         }
         for id in ids {
             self.interner.release_string(id);
@@ -520,15 +525,16 @@ impl Rollup {
             return;
         }
         self.watermark = candidate;
-        for w in self.windows.close_until(candidate) {
+        for w in self.windows.close_until(candidate, &mut self.interner) {
             self.closes.push(by);
-            emit_window(
+            let cells = emit_window(
                 &mut self.interner,
                 w,
                 &mut self.detector,
                 &mut self.outputs,
                 &mut self.stats,
             );
+            self.windows.recycle(cells);
         }
     }
 
@@ -608,6 +614,8 @@ mod tests {
         }
         let g = interner.grain("b", "a", "k", "s", "1.1.1.0/24", "d");
         cells.push((g, Measures::click(5)));
+        // As `WindowStore::close_until` hands them out.
+        interner.sort_cells(&mut cells);
         ClosedWindow {
             start: 0,
             end: 60_000,
