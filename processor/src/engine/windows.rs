@@ -92,7 +92,8 @@ pub struct ClosedWindow {
 /// Fewest entries at which a window's log is merged before it closes.
 const MERGE_AT_LEAST: usize = 1 << 17;
 
-/// Most emptied cell vectors kept for new windows.
+/// Most emptied cell vectors kept for new windows (see
+/// [`WindowStore::recycle`]).
 const MAX_SPARE: usize = 64;
 
 /// One open window's cells.
@@ -221,9 +222,11 @@ impl WindowStore {
     pub fn recycle(&mut self, mut cells: Vec<(GrainId, Measures)>) {
         cells.clear();
         // Windows close in bursts (one mark can close several) and open one
-        // at a time, and as many are open as the watermark lags behind the
-        // newest event time, so keep a vector for each.
-        if self.spare.len() < MAX_SPARE {
+        // at a time; about as many will open soon as are open now (the
+        // watermark's lag behind the newest event time), so keep that many.
+        // Keeping more would hold the memory of a burst of large windows
+        // (a backlog read at full speed) for nothing.
+        if self.spare.len() < self.open.len().clamp(2, MAX_SPARE) {
             self.spare.push(cells);
         }
     }
