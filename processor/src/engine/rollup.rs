@@ -260,7 +260,7 @@ pub(crate) fn emit_window(
     stats.windows_closed += 1;
     // The cells come in grain order (by dimension values), so a window's
     // output order does not depend on the order records were interned in.
-    let cells = w.cells;
+    let mut cells = w.cells;
     // Campaign is the first grain dimension: its cells are adjacent.
     let mut campaigns: Vec<(u32, Measures)> = Vec::new();
     for (g, m) in &cells {
@@ -302,7 +302,6 @@ pub(crate) fn emit_window(
             outputs.push(Output::Alert(a));
         }
     }
-    let mut cells = cells;
     for (g, _) in cells.drain(..) {
         interner.release(g);
     }
