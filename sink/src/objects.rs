@@ -634,8 +634,7 @@ pub async fn run(
         else {
             continue;
         };
-        let key = (msg.topic().to_owned(), msg.partition());
-        if !resume.admit(&key, msg.offset()) {
+        if !resume.admit(msg.topic(), msg.partition(), msg.offset()) {
             continue;
         }
         // The message borrows the consumer; detach it so the loader can

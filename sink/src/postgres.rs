@@ -696,7 +696,7 @@ pub async fn run(
         };
         let topic = msg.topic().to_owned();
         let key = (topic.clone(), msg.partition());
-        if !resume.admit(&key, msg.offset()) {
+        if !resume.admit(&topic, msg.partition(), msg.offset()) {
             continue;
         }
         batch.positions.insert(key, msg.offset() + 1);
