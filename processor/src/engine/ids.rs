@@ -583,6 +583,8 @@ impl Interner {
 
 /// How [`Interner::sort_cells`] sorts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Only tests ask for the other ways.
+#[cfg_attr(not(test), allow(dead_code))]
 enum Packing {
     /// Ranks packed into a `u64` if they fit, else a `u128` with the index.
     Narrowest,
