@@ -191,11 +191,13 @@ impl HeldById {
     /// reference to its grain.
     fn insert(&mut self, held: Held, bucket: i64, width: i64, interner: &mut Interner) {
         let existing = self.find(held.id);
+        interner.retain(held.grain);
         self.insert_at(existing, held, bucket, width, interner);
     }
 
-    /// [`insert`](Self::insert), where the caller has looked up the id:
-    /// `existing` is its slot if it is held.
+    /// [`insert`](Self::insert), where the caller has looked up the id
+    /// (`existing` is its slot if it is held) and hands over a reference
+    /// to the grain it owns.
     ///
     /// Inlined so `held` goes from registers into its slot: passed through
     /// the stack, it was read back in wider pieces than it was written,
@@ -210,7 +212,6 @@ impl HeldById {
         interner: &mut Interner,
     ) {
         debug_assert_eq!(existing, self.find(held.id));
-        interner.retain(held.grain);
         *self.counts.entry(bucket).or_default() += 1;
         if let Some(s) = existing {
             let old = std::mem::replace(self.slot_mut(s), held);
@@ -422,7 +423,9 @@ impl ClickJoin {
     /// A kept impression arrives; clicks waiting for it may match now.
     ///
     /// Held impressions and matched clicks each own a reference to their
-    /// grain in `interner`.
+    /// grain in `interner`: the held impression takes over the caller's
+    /// (the one [`Interner::grain_of`] handed out), which saves taking one
+    /// and giving one back for every impression.
     pub fn on_impression(
         &mut self,
         absent: ImpressionAbsent,

@@ -496,6 +496,8 @@ impl Engine {
                         &Measures::impression(r.cost_micros),
                         &mut st.interner,
                     );
+                    // The window cell takes a reference of its own; the
+                    // held impression takes over `grain_of`'s.
                     st.join.on_impression(
                         absent,
                         r.event_time,
@@ -503,8 +505,6 @@ impl Engine {
                         &mut st.interner,
                         &mut self.counted,
                     );
-                    // The join and the window cell hold their own references.
-                    st.interner.release(grain);
                 } else {
                     s.duplicate += 1;
                 }
