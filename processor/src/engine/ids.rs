@@ -534,7 +534,7 @@ impl Interner {
             let mut keyed: Vec<(u64, u32)> = cells
                 .iter()
                 .enumerate()
-                .map(|(i, (g, _))| (ranks.key(g) as u64, i as u32))
+                .map(|(i, (g, _))| (ranks.key64(g), i as u32))
                 .collect();
             radsort::sort_by_key(&mut keyed, |k| k.0);
             keyed.iter().map(|k| k.1).collect()
@@ -704,6 +704,15 @@ impl WindowRanks {
     fn key(&self, g: &GrainId) -> u128 {
         (0..6).fold(0u128, |k, d| {
             (k << self.bits[d]) | u128::from(self.rank(g, d))
+        })
+    }
+
+    /// [`key`](Self::key) when [`bits`](Self::bits) is at most 64 (half
+    /// the shifting).
+    #[inline]
+    fn key64(&self, g: &GrainId) -> u64 {
+        (0..6).fold(0u64, |k, d| {
+            (k << self.bits[d]) | u64::from(self.rank(g, d))
         })
     }
 }
