@@ -1335,12 +1335,15 @@ impl Shell<'_> {
     }
 
     /// Whether the loop went longer than the session timeout without
-    /// polling (paused, e.g. SIGSTOP); says so in the log if it did.
+    /// polling (paused, e.g. SIGSTOP); says so in the log if it did. The
+    /// time since the last poll counts too: a pause while a record was
+    /// handled, before the next poll, was not seen by any poll yet.
     fn paused_past_session(&self) -> bool {
-        let paused = self.max_poll_gap > self.session_timeout;
+        let gap = self.max_poll_gap.max(self.last_poll.elapsed());
+        let paused = gap > self.session_timeout;
         if paused {
             tracing::warn!(
-                gap_ms = self.max_poll_gap.as_millis() as u64,
+                gap_ms = gap.as_millis() as u64,
                 "no poll for longer than the session timeout; not committing"
             );
         }
@@ -1547,9 +1550,14 @@ impl Shell<'_> {
                 "checkpoints written"
             );
         }
-        // Writing may have taken a while; it is not a stall of the poll loop.
-        self.max_poll_gap = Duration::ZERO;
-        self.last_poll = Instant::now();
+        // Writing may have taken a while; it is not a stall of the poll
+        // loop. Unless it took longer than the session timeout: then the
+        // process may have been paused while writing (SIGSTOP), and the
+        // next poll's gap must say so.
+        if t0.elapsed() < self.session_timeout {
+            self.max_poll_gap = Duration::ZERO;
+            self.last_poll = Instant::now();
+        }
     }
 
     fn publish_status(&self, status: &Status, metrics: &Metrics) {
