@@ -20,6 +20,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use hashbrown::HashTable;
 
+use super::short_table::{short_key, ShortTable};
+
 /// A 128-bit id key.
 pub type IdKey = u128;
 
@@ -233,7 +235,11 @@ const IP: usize = 4;
 #[derive(Default)]
 pub struct Interner {
     hasher: hashbrown::DefaultHashBuilder,
+    /// Ids of strings longer than [`SHORT_MAX`](super::short_table::SHORT_MAX) bytes, by their hash.
     strings: HashTable<u32>,
+    /// Ids of the others (nearly every dimension value), by their
+    /// [`short_key`] ([`ShortTable`] says why).
+    short: ShortTable,
     values: Vec<Box<str>>,
     value_refs: Vec<u32>,
     free_values: Vec<u32>,
@@ -270,15 +276,11 @@ impl<'de> serde::Deserialize<'de> for Interner {
             value_refs: data.value_refs,
             ..Interner::default()
         };
-        let (values, hasher) = (&i.values, &i.hasher);
-        for (id, v) in values.iter().enumerate() {
+        for id in 0..i.values.len() {
             if i.value_refs[id] == 0 {
                 i.free_values.push(id as u32);
             } else {
-                i.strings
-                    .insert_unique(hasher.hash_one(&**v), id as u32, |&x| {
-                        hasher.hash_one(&*values[x as usize])
-                    });
+                i.index(id as u32);
             }
         }
         // Reuse low ids first, as a fresh interner would have.
@@ -384,14 +386,32 @@ impl Interner {
     }
 
     /// The id of `s`, adding it (unreferenced) if new.
+    #[inline]
     fn intern(&mut self, s: &str) -> u32 {
+        match short_key(s.as_bytes()) {
+            Some(key) => match self.short.find(key) {
+                Some(id) => id,
+                None => self.add(s),
+            },
+            None => self.intern_long(s),
+        }
+    }
+
+    #[inline(never)]
+    fn intern_long(&mut self, s: &str) -> u32 {
         let hash = self.hasher.hash_one(s);
         let values = &self.values;
-        if let Some(&id) = self.strings.find(hash, |&i| {
+        match self.strings.find(hash, |&i| {
             same_bytes(values[i as usize].as_bytes(), s.as_bytes())
         }) {
-            return id;
+            Some(&id) => id,
+            None => self.add(s),
         }
+    }
+
+    /// Adds `s` (not interned yet), unreferenced.
+    #[inline(never)]
+    fn add(&mut self, s: &str) -> u32 {
         let id = match self.free_values.pop() {
             Some(id) => {
                 self.values[id as usize] = s.into();
@@ -403,10 +423,22 @@ impl Interner {
                 (self.values.len() - 1) as u32
             }
         };
-        let (values, hasher) = (&self.values, &self.hasher);
-        self.strings
-            .insert_unique(hash, id, |&i| hasher.hash_one(&*values[i as usize]));
+        self.index(id);
         id
+    }
+
+    /// Puts string `id` into the table its length says.
+    fn index(&mut self, id: u32) {
+        let (values, hasher) = (&self.values, &self.hasher);
+        let v = &values[id as usize];
+        match short_key(v.as_bytes()) {
+            Some(key) => self.short.insert(key, id),
+            None => {
+                self.strings.insert_unique(hasher.hash_one(&**v), id, |&i| {
+                    hasher.hash_one(&*values[i as usize])
+                });
+            }
+        }
     }
 
     /// Gives back one reference to string `v`, freeing it at the last.
@@ -425,11 +457,18 @@ impl Interner {
     #[inline(never)]
     fn free_string(&mut self, v: u32) {
         let value = std::mem::take(&mut self.values[v as usize]);
-        if let Ok(e) = self
-            .strings
-            .find_entry(self.hasher.hash_one(&*value), |&x| x == v)
-        {
-            e.remove();
+        match short_key(value.as_bytes()) {
+            Some(key) => {
+                self.short.remove(key);
+            }
+            None => {
+                if let Ok(e) = self
+                    .strings
+                    .find_entry(self.hasher.hash_one(&*value), |&x| x == v)
+                {
+                    e.remove();
+                }
+            }
         }
         self.free_values.push(v);
     }
@@ -731,8 +770,8 @@ fn v4_rank(code: u32) -> u32 {
 
 /// Whether `a` and `b` hold the same bytes. Interned values are mostly
 /// a few to 32 bytes, and there overlapping word compares cost less than
-/// the call to `memcmp` that `==` makes (a twentieth of the engine's time,
-/// nearly all of it from [`Interner::intern`]).
+/// the call to `memcmp` that `==` makes (a twentieth of the engine's time
+/// before short strings were keyed by [`short_key`]).
 #[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
@@ -929,9 +968,11 @@ mod tests {
 
     #[test]
     fn the_last_release_frees_unshared_strings() {
+        // Longer than a short key: both of the interner's tables are used.
+        const K: &str = "a keyword of more than fifteen bytes";
         let mut i = Interner::default();
-        let a = i.grain("c", "a", "k", "s", "2001:db8::/48", "mobile");
-        let b = i.grain("c", "a", "k", "s", "9.9.9.0/24", "mobile");
+        let a = i.grain("c", "a", K, "s", "2001:db8::/48", "mobile");
+        let b = i.grain("c", "a", K, "s", "9.9.9.0/24", "mobile");
         i.retain(a);
         assert_eq!(i.strings(), 6);
         i.release(a);
@@ -939,9 +980,9 @@ mod tests {
         i.release(a);
         assert_eq!(i.strings(), 5, "the IPv6 text is freed");
         assert_eq!(&*i.resolve(b).ip_range, "9.9.9.0/24");
-        let d = i.grain("d", "a", "k", "s", "1.2.3.0/24", "mobile");
+        let d = i.grain("d", "a", K, "s", "1.2.3.0/24", "mobile");
         assert_eq!(i.strings(), 6);
-        assert_eq!(i.grain("c", "a", "k", "s", "9.9.9.0/24", "mobile"), b);
+        assert_eq!(i.grain("c", "a", K, "s", "9.9.9.0/24", "mobile"), b);
         assert_eq!(&*i.resolve(d).campaign_id, "d");
         i.release(b);
         i.release(b);
@@ -949,10 +990,17 @@ mod tests {
         i.release(d);
         assert_eq!(i.strings(), 0);
         // Freed slots are reused, and lookups still find live strings.
-        let e = i.grain("e", "a", "k", "s", "", "mobile");
+        let e = i.grain("e", "a", K, "s", "", "mobile");
         assert!(e.iter().all(|&v| v < 7), "freed slots, not new ones: {e:?}");
-        assert_eq!(i.resolve(e).campaign_id.as_ref(), "e");
-        let f = i.grain("e", "a2", "k", "s", "", "mobile");
+        // Freed strings left both tables: interned again, each resolves
+        // to itself, not to an emptied slot.
+        let r = i.resolve(e);
+        assert_eq!(
+            [&*r.campaign_id, &*r.ad_id, &*r.search_keyword, &*r.state],
+            ["e", "a", K, "s"]
+        );
+        assert_eq!((&*r.ip_range, &*r.device_type), ("", "mobile"));
+        let f = i.grain("e", "a2", K, "s", "", "mobile");
         assert_eq!((f[0], f[2]), (e[0], e[2]));
     }
 

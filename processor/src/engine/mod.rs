@@ -23,6 +23,7 @@ pub mod anomaly;
 pub mod ids;
 pub mod join;
 pub mod rollup;
+mod short_table;
 mod slot_index;
 pub mod validate;
 pub mod watermark;
