@@ -450,13 +450,13 @@ impl Engine {
         // Late: against the record's own partition watermark just before it,
         // or its window is already emitted.
         let p = source.input_partition();
-        let pwm = self.state.watermarks.partition_watermark(p);
+        let pwm = self.state.watermarks.observe(p, event_time);
         let late_by_partition = event_time < pwm.saturating_sub(self.cfg.allowed_lateness);
+        // Observing moves no processor watermark (`advance` does).
         let late_by_window = self
             .state
             .windows
             .is_emitted(event_time, self.state.watermarks.current());
-        self.state.watermarks.observe(p, event_time);
         if late_by_partition || late_by_window {
             self.state.stats.by_topic[topic as usize].late += 1;
             let reason = if late_by_partition {

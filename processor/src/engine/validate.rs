@@ -77,32 +77,36 @@ pub fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
 /// without std's general address parser; `None` for anything else, which
 /// std then reads (IPv6) or rejects.
 fn parse_v4(s: &[u8]) -> Option<Ipv4Addr> {
+    // An octet at a time, not a byte at a time: a third of the branches.
+    let digit = |i: usize| s.get(i).map(|&b| b.wrapping_sub(b'0')).filter(|&d| d < 10);
     let mut octets = [0u8; 4];
-    let (mut k, mut value, mut digits) = (0usize, 0u32, 0u32);
-    for &b in s {
-        match b {
-            b'0'..=b'9' => {
-                if digits > 0 && value == 0 {
-                    return None; // a leading zero
-                }
-                value = value * 10 + u32::from(b - b'0');
-                digits += 1;
+    let mut i = 0;
+    for (k, octet) in octets.iter_mut().enumerate() {
+        if k > 0 {
+            if s.get(i) != Some(&b'.') {
+                return None;
+            }
+            i += 1;
+        }
+        let mut value = u32::from(digit(i)?);
+        i += 1;
+        if let Some(d) = digit(i) {
+            if value == 0 {
+                return None; // a leading zero
+            }
+            value = value * 10 + u32::from(d);
+            i += 1;
+            if let Some(d) = digit(i) {
+                value = value * 10 + u32::from(d);
+                i += 1;
                 if value > 255 {
                     return None;
                 }
             }
-            b'.' if digits > 0 && k < 3 => {
-                octets[k] = value as u8;
-                (k, value, digits) = (k + 1, 0, 0);
-            }
-            _ => return None,
         }
+        *octet = value as u8;
     }
-    if k != 3 || digits == 0 {
-        return None;
-    }
-    octets[3] = value as u8;
-    Some(Ipv4Addr::from(octets))
+    (i == s.len()).then_some(Ipv4Addr::from(octets))
 }
 
 /// IPv6 text of hex groups (one to four digits each, colon-separated, at

@@ -96,8 +96,10 @@ impl WatermarkTracker {
         self.partitions.get(&p).and_then(|s| s.max_event_time)
     }
 
-    /// Records a valid event of `p` at `event_time`; the partition becomes active.
-    pub fn observe(&mut self, p: InputPartition, event_time: i64) {
+    /// Records a valid event of `p` at `event_time`; the partition becomes
+    /// active. Returns the partition's watermark just before it (what
+    /// lateness is judged against: one lookup for both, per record).
+    pub fn observe(&mut self, p: InputPartition, event_time: i64) -> i64 {
         let s = self.partitions.entry(p).or_insert_with(|| {
             self.candidate = None;
             PartitionState {
@@ -115,6 +117,7 @@ impl WatermarkTracker {
         }
         s.idle = false;
         s.max_event_time = Some(after);
+        watermark_of(before, self.max_out_of_orderness)
     }
 
     /// Marks `p` idle or active.
@@ -195,6 +198,9 @@ mod tests {
         w.observe(p(0, 1), 50_000);
         assert_eq!(w.advance(), 45_000);
         assert_eq!(w.partition_watermark(p(0, 0)), 95_000);
+        assert_eq!(w.observe(p(0, 0), 120_000), 95_000, "the watermark before");
+        assert_eq!(w.observe(p(0, 0), 99_000), 115_000, "the watermark before");
+        assert_eq!(w.partition_watermark(p(0, 0)), 115_000);
     }
 
     #[test]
