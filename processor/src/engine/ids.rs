@@ -16,7 +16,7 @@
 //! and every expiry a release in a table that large, each a cache miss.
 
 use std::hash::BuildHasher as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashTable;
 
@@ -52,21 +52,20 @@ pub enum IpRange<'a> {
     None,
     /// The IPv4 /24 network holding this address.
     V4(Ipv4Addr),
-    /// Any other range, as its text (IPv6 /48).
+    /// The IPv6 /48 network holding this address.
+    V6(Ipv6Addr),
+    /// A range as its text (tests, and text that is not a canonical IPv4 /24).
+    #[cfg_attr(not(test), allow(dead_code))]
     Text(&'a str),
 }
 
 impl<'a> IpRange<'a> {
-    /// The range of `ip` (CONTRACT.md: /24 for IPv4, /48 for IPv6); an
-    /// IPv6 range's text is written into `scratch`.
-    pub fn of(ip: Option<IpAddr>, scratch: &'a mut String) -> Self {
+    /// The range of `ip` (CONTRACT.md: /24 for IPv4, /48 for IPv6).
+    pub fn of(ip: Option<IpAddr>) -> Self {
         match ip {
             None => IpRange::None,
             Some(IpAddr::V4(v4)) => IpRange::V4(v4),
-            Some(v6) => {
-                super::validate::ip_range_into(v6, scratch);
-                IpRange::Text(scratch)
-            }
+            Some(IpAddr::V6(v6)) => IpRange::V6(v6),
         }
     }
 
@@ -238,8 +237,11 @@ pub struct Interner {
     /// Ids of strings longer than [`SHORT_MAX`](super::short_table::SHORT_MAX) bytes, by their hash.
     strings: HashTable<u32>,
     /// Ids of the others (nearly every dimension value), by their
-    /// [`short_key`] ([`ShortTable`] says why).
+    /// [`short_key`] ([`ShortTable`] says why); and ids of IPv6 /48 range
+    /// texts by [`v6_range_key`] as well.
     short: ShortTable,
+    /// Where a range's text is written before it is interned.
+    scratch: String,
     values: Vec<Box<str>>,
     value_refs: Vec<u32>,
     free_values: Vec<u32>,
@@ -409,6 +411,30 @@ impl Interner {
         }
     }
 
+    /// The id of the text of `v6`'s /48 range, found by the network's
+    /// bits: the text is written only the first time (a fifth of users
+    /// are on IPv6, and writing and hashing the text was most of their
+    /// interning).
+    #[inline]
+    fn intern_v6(&mut self, v6: Ipv6Addr) -> u32 {
+        match self.short.find(v6_range_key(v6)) {
+            Some(id) => id,
+            None => self.intern_v6_text(v6),
+        }
+    }
+
+    #[inline(never)]
+    fn intern_v6_text(&mut self, v6: Ipv6Addr) -> u32 {
+        let mut text = std::mem::take(&mut self.scratch);
+        super::validate::ip_range_into(IpAddr::V6(v6), &mut text);
+        // By its text first: the same string may be held already (interned
+        // by text, or before a restore, which indexes texts only).
+        let id = self.intern(&text);
+        self.scratch = text;
+        self.short.insert(v6_range_key(v6), id);
+        id
+    }
+
     /// Adds `s` (not interned yet), unreferenced.
     #[inline(never)]
     fn add(&mut self, s: &str) -> u32 {
@@ -470,6 +496,13 @@ impl Interner {
                 }
             }
         }
+        // A range's network key goes with its text.
+        if let Some(v6) = value
+            .strip_suffix("/48")
+            .and_then(|a| a.parse::<Ipv6Addr>().ok())
+        {
+            self.short.remove(v6_range_key(v6));
+        }
         self.free_values.push(v);
     }
 
@@ -487,6 +520,7 @@ impl Interner {
         let ip = match ip_range {
             IpRange::None => 0,
             IpRange::V4(v4) => v4_code(v4),
+            IpRange::V6(v6) => IP_TEXT | self.intern_v6(v6),
             IpRange::Text(s) => IP_TEXT | self.intern(s),
         };
         let g = [
@@ -768,6 +802,13 @@ fn v4_rank(code: u32) -> u32 {
     }
 }
 
+/// The [`ShortTable`] key of `v6`'s /48 range: the network's 48 bits, and
+/// a top byte of 0xff, which no [`short_key`] has (theirs is a length of at
+/// most 15).
+fn v6_range_key(v6: Ipv6Addr) -> u128 {
+    (u128::from(v6) >> 80) | 0xff << 120
+}
+
 /// Whether `a` and `b` hold the same bytes. Interned values are mostly
 /// a few to 32 bytes, and there overlapping word compares cost less than
 /// the call to `memcmp` that `==` makes (a twentieth of the engine's time
@@ -870,8 +911,7 @@ mod tests {
             IpRange::from_text("10.100.9.0/24"),
             IpRange::V4(v) if v == Ipv4Addr::new(10, 100, 9, 0)
         ));
-        let mut scratch = String::new();
-        let v4 = IpRange::of(Some("10.1.2.3".parse().expect("ip")), &mut scratch);
+        let v4 = IpRange::of(Some("10.1.2.3".parse().expect("ip")));
         let g = i.grain_of("c", "a", "k", "s", v4, "d");
         assert_eq!(g, i.grain("c", "a", "k", "s", "10.1.2.0/24", "d"));
     }
@@ -1002,6 +1042,37 @@ mod tests {
         assert_eq!((&*r.ip_range, &*r.device_type), ("", "mobile"));
         let f = i.grain("e", "a2", K, "s", "", "mobile");
         assert_eq!((f[0], f[2]), (e[0], e[2]));
+    }
+
+    #[test]
+    fn an_ipv6_range_by_address_is_the_same_string_as_by_text() {
+        let v6: Ipv6Addr = "2001:db8:7:1::5".parse().expect("ip");
+        let mut i = Interner::default();
+        let by_text = i.grain("c", "a", "k", "s", "2001:db8:7::/48", "mobile");
+        let by_address = i.grain_of("c", "a", "k", "s", IpRange::V6(v6), "mobile");
+        assert_eq!(by_address, by_text, "one string, whichever way it came");
+        assert_eq!(
+            i.grain_of("c", "a", "k", "s", IpRange::V6(v6), "mobile"),
+            by_text
+        );
+        assert_eq!(&*i.resolve(by_address).ip_range, "2001:db8:7::/48");
+        for _ in 0..3 {
+            i.release(by_text);
+        }
+        assert_eq!(i.strings(), 0);
+        // The range's key left with its text: its slot, reused by another
+        // string, is not what the range resolves to.
+        let other = i.grain("x", "y", "z", "w", "", "tablet");
+        let again = i.grain_of("c", "a", "k", "s", IpRange::V6(v6), "mobile");
+        assert_eq!(&*i.resolve(again).ip_range, "2001:db8:7::/48");
+        assert_eq!(&*i.resolve(other).campaign_id, "x");
+        // A restored interner finds the range by its address too.
+        let bytes = bincode::serialize(&i).expect("serialize");
+        let mut j: Interner = bincode::deserialize(&bytes).expect("deserialize");
+        assert_eq!(
+            j.grain_of("c", "a", "k", "s", IpRange::V6(v6), "mobile"),
+            again
+        );
     }
 
     #[test]

@@ -198,8 +198,6 @@ pub struct Engine {
     unmatched: Vec<RawRecord>,
     /// Per input topic, the writer schema it used last (no lock per record).
     writers: [WriterCache; 3],
-    /// Scratch for an IPv6 impression's IP range text.
-    ip_range: String,
 }
 
 /// A checkpoint that cannot be read back.
@@ -280,7 +278,6 @@ impl Engine {
             outputs: Vec::new(),
             counted: Vec::new(),
             unmatched: Vec::new(),
-            ip_range: String::with_capacity(48),
             writers: Default::default(),
             codec,
             cfg,
@@ -487,7 +484,7 @@ impl Engine {
                         r.ad_id,
                         r.search_keyword,
                         r.state,
-                        IpRange::of(ip, &mut self.ip_range),
+                        IpRange::of(ip),
                         r.device_type,
                     );
                     let st = &mut self.state;

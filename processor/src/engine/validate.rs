@@ -242,16 +242,27 @@ fn write_v6_range(v6: Ipv6Addr, out: &mut String) {
         out.push_str("::/48");
         return;
     };
+    // Built in a local buffer and appended once: at most three groups of
+    // four digits, two colons and "::/48".
+    let mut buf = [0u8; 19];
+    let mut n = 0;
     for (k, &group) in g[..=last].iter().enumerate() {
         if k > 0 {
-            out.push(':');
+            buf[n] = b':';
+            n += 1;
         }
         let digits = (16 - group.leading_zeros()).div_ceil(4).max(1);
         for d in (0..digits).rev() {
-            out.push(char::from(HEX[usize::from((group >> (4 * d)) & 0xf)]));
+            buf[n] = HEX[usize::from((group >> (4 * d)) & 0xf)];
+            n += 1;
         }
     }
-    out.push_str("::/48");
+    buf[n..n + 5].copy_from_slice(b"::/48");
+    n += 5;
+    debug_assert!(buf[..n].is_ascii());
+    // SAFETY: the buffer holds only hex digits, colons and "/48", which are
+    // ASCII and so UTF-8.
+    out.push_str(unsafe { std::str::from_utf8_unchecked(&buf[..n]) });
 }
 
 #[cfg(test)]
