@@ -595,7 +595,27 @@ impl Interner {
     /// [`sort_cells`](Self::sort_cells) with the keys packed as `packing`
     /// says (tests force each way).
     fn sort_cells_as<T: Copy>(&self, cells: &mut [(GrainId, T)], packing: Packing) {
+        let mut sorted = Vec::new();
+        self.sorted_cells_as(cells, &mut sorted, packing);
+        cells.copy_from_slice(&sorted);
+    }
+
+    /// `cells` in grain order, as [`sort_cells`](Self::sort_cells) sorts
+    /// them, written into `out` (cleared first): a window's cells are
+    /// megabytes, and sorting in place cost one more copy of them.
+    pub fn sorted_cells<T: Copy>(&self, cells: &[(GrainId, T)], out: &mut Vec<(GrainId, T)>) {
+        self.sorted_cells_as(cells, out, Packing::Narrowest);
+    }
+
+    fn sorted_cells_as<T: Copy>(
+        &self,
+        cells: &[(GrainId, T)],
+        out: &mut Vec<(GrainId, T)>,
+        packing: Packing,
+    ) {
+        out.clear();
         if cells.len() < 2 {
+            out.extend_from_slice(cells);
             return;
         }
         let ranks = WindowRanks::of(self, cells);
@@ -605,14 +625,14 @@ impl Interner {
         // narrower key is half the work when the ranks fit in 64 bits (the
         // generator's windows need 58); it is stable, so equal grains stay
         // in log order.
-        let order: Vec<u32> = if bits <= 64 && packing == Packing::Narrowest {
+        if bits <= 64 && packing == Packing::Narrowest {
             let mut keyed: Vec<(u64, u32)> = cells
                 .iter()
                 .enumerate()
                 .map(|(i, (g, _))| (ranks.key64(g), i as u32))
                 .collect();
             radsort::sort_by_key(&mut keyed, |k| k.0);
-            keyed.iter().map(|k| k.1).collect()
+            out.extend(keyed.iter().map(|k| cells[k.1 as usize]));
         } else if bits <= 96 && packing != Packing::Compare {
             let mut keys: Vec<u128> = cells
                 .iter()
@@ -620,7 +640,7 @@ impl Interner {
                 .map(|(i, (g, _))| (ranks.key(g) << 32) | i as u128)
                 .collect();
             radsort::sort(&mut keys);
-            keys.iter().map(|&k| k as u32).collect()
+            out.extend(keys.iter().map(|&k| cells[k as u32 as usize]));
         } else {
             let mut order: Vec<u32> = (0..cells.len() as u32).collect();
             order.sort_unstable_by(|&a, &b| {
@@ -630,10 +650,8 @@ impl Interner {
                     .find(|o| o.is_ne())
                     .unwrap_or(std::cmp::Ordering::Equal)
             });
-            order
-        };
-        let sorted: Vec<(GrainId, T)> = order.iter().map(|&i| cells[i as usize]).collect();
-        cells.copy_from_slice(&sorted);
+            out.extend(order.iter().map(|&i| cells[i as usize]));
+        }
     }
 
     /// The first 16 bytes of an IP range text's (by interned id),

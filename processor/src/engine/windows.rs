@@ -205,8 +205,9 @@ impl WindowStore {
             let Some(log) = self.open.remove(&start) else {
                 break;
             };
-            let mut cells = log.entries;
-            interner.sort_cells(&mut cells);
+            let mut cells = self.spare.pop().unwrap_or_default();
+            interner.sorted_cells(&log.entries, &mut cells);
+            self.recycle(log.entries);
             merge_adjacent(&mut cells, interner);
             out.push(ClosedWindow {
                 start,
