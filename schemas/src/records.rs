@@ -175,6 +175,26 @@ pub trait AvroView<'a>: Deserialize<'a> {
 /// Avro binary primitives for the views' direct readers, with the same
 /// limits as serde_avro_fast's: a varint has at most 10 bytes (the tenth
 /// below 2), a length is a non-negative `long`, strings are UTF-8.
+/// Little-endian words read at any offset of a byte string: the
+/// overlapping loads short strings are checked, compared and keyed with.
+pub mod words {
+    /// The 8 bytes at `at` (panics past the end, as indexing does).
+    #[inline(always)]
+    pub fn u64_at(s: &[u8], at: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[at..at + 8]);
+        u64::from_le_bytes(w)
+    }
+
+    /// The 4 bytes at `at` (panics past the end, as indexing does).
+    #[inline(always)]
+    pub fn u32_at(s: &[u8], at: usize) -> u32 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&s[at..at + 4]);
+        u32::from_le_bytes(w)
+    }
+}
+
 pub mod avro_read {
     /// What made a body unreadable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -197,17 +217,10 @@ pub mod avro_read {
     #[inline(always)]
     pub fn is_ascii(s: &[u8]) -> bool {
         const HIGH: u64 = 0x8080_8080_8080_8080;
+        use super::words::{u32_at, u64_at};
         let n = s.len();
-        let w8 = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&s[at..at + 8]);
-            u64::from_le_bytes(w)
-        };
-        let w4 = |at: usize| {
-            let mut w = [0u8; 4];
-            w.copy_from_slice(&s[at..at + 4]);
-            u64::from(u32::from_le_bytes(w))
-        };
+        let w8 = |at: usize| u64_at(s, at);
+        let w4 = |at: usize| u64::from(u32_at(s, at));
         // Each case's loads together cover all `n` bytes.
         let or = match n {
             0 => 0,

@@ -14,6 +14,8 @@
 
 use std::hash::BuildHasher as _;
 
+use adstream_schemas::records::words::{u32_at, u64_at};
+
 /// Longest string with a [`short_key`].
 pub const SHORT_MAX: usize = 15;
 
@@ -24,16 +26,8 @@ pub const SHORT_MAX: usize = 15;
 #[inline]
 pub fn short_key(s: &[u8]) -> Option<u128> {
     let n = s.len();
-    let w8 = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&s[at..at + 8]);
-        u64::from_le_bytes(w)
-    };
-    let w4 = |at: usize| {
-        let mut w = [0u8; 4];
-        w.copy_from_slice(&s[at..at + 4]);
-        u64::from(u32::from_le_bytes(w))
-    };
+    let w8 = |at: usize| u64_at(s, at);
+    let w4 = |at: usize| u64::from(u32_at(s, at));
     // Overlapping loads put each byte at its own place: where two cover
     // the same byte they hold the same value there.
     let (lo, hi) = match n {
