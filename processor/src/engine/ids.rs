@@ -54,7 +54,7 @@ pub enum IpRange<'a> {
     V4(Ipv4Addr),
     /// The IPv6 /48 network holding this address.
     V6(Ipv6Addr),
-    /// A range as its text (tests, and text that is not a canonical IPv4 /24).
+    /// A range as its text (tests build grains from the text rows carry).
     #[cfg_attr(not(test), allow(dead_code))]
     Text(&'a str),
 }
