@@ -172,9 +172,6 @@ pub trait AvroView<'a>: Deserialize<'a> {
     fn read_exact(body: &mut avro_read::Body<'a>) -> Result<Self, avro_read::ReadError>;
 }
 
-/// Avro binary primitives for the views' direct readers, with the same
-/// limits as serde_avro_fast's: a varint has at most 10 bytes (the tenth
-/// below 2), a length is a non-negative `long`, strings are UTF-8.
 /// Little-endian words read at any offset of a byte string: the
 /// overlapping loads short strings are checked, compared and keyed with.
 pub mod words {
@@ -195,6 +192,9 @@ pub mod words {
     }
 }
 
+/// Avro binary primitives for the views' direct readers, with the same
+/// limits as serde_avro_fast's: a varint has at most 10 bytes (the tenth
+/// below 2), a length is a non-negative `long`, strings are UTF-8.
 pub mod avro_read {
     /// What made a body unreadable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -230,7 +230,7 @@ const IP: usize = 4;
 /// strings (five, six when the IP range is text); a string is live while
 /// its count is above zero. Freed slots are reused, so ids are only stable
 /// while referenced. Ids never reach an output (rows are ordered by the
-/// values, [`Interner::sort_cells`]), so reuse cannot change results.
+/// values, [`Interner::sorted_cells`]), so reuse cannot change results.
 #[derive(Default)]
 pub struct Interner {
     hasher: hashbrown::DefaultHashBuilder,
@@ -579,8 +579,9 @@ impl Interner {
         &self.values[id as usize]
     }
 
-    /// Sorts cells into grain order: by the dimension values, as
-    /// [`Grain`]'s `Ord` does.
+    /// `cells` in grain order (by the dimension values, as [`Grain`]'s
+    /// `Ord` orders them), written into `out` (cleared first): a window's
+    /// cells are megabytes, and sorting them in place cost one more copy.
     ///
     /// Comparing grains string by string was a tenth of the engine's time
     /// (a window holds about one grain per impression, nearly all differing
@@ -588,25 +589,12 @@ impl Interner {
     /// distinct values in the window ([`WindowRanks`]), and the six ranks
     /// pack into one integer with the cell's index, so cells sort as plain
     /// integers.
-    pub fn sort_cells<T: Copy>(&self, cells: &mut [(GrainId, T)]) {
-        self.sort_cells_as(cells, Packing::Narrowest);
-    }
-
-    /// [`sort_cells`](Self::sort_cells) with the keys packed as `packing`
-    /// says (tests force each way).
-    fn sort_cells_as<T: Copy>(&self, cells: &mut [(GrainId, T)], packing: Packing) {
-        let mut sorted = Vec::new();
-        self.sorted_cells_as(cells, &mut sorted, packing);
-        cells.copy_from_slice(&sorted);
-    }
-
-    /// `cells` in grain order, as [`sort_cells`](Self::sort_cells) sorts
-    /// them, written into `out` (cleared first): a window's cells are
-    /// megabytes, and sorting in place cost one more copy of them.
     pub fn sorted_cells<T: Copy>(&self, cells: &[(GrainId, T)], out: &mut Vec<(GrainId, T)>) {
         self.sorted_cells_as(cells, out, Packing::Narrowest);
     }
 
+    /// [`sorted_cells`](Self::sorted_cells) with the keys packed as
+    /// `packing` says (tests force each way).
     fn sorted_cells_as<T: Copy>(
         &self,
         cells: &[(GrainId, T)],
@@ -685,7 +673,7 @@ impl Interner {
     }
 }
 
-/// How [`Interner::sort_cells`] sorts.
+/// How [`Interner::sorted_cells`] sorts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 // Only tests ask for the other ways.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -827,10 +815,10 @@ fn v6_range_key(v6: Ipv6Addr) -> u128 {
     (u128::from(v6) >> 80) | 0xff << 120
 }
 
-/// Whether `a` and `b` hold the same bytes. Interned values are mostly
-/// a few to 32 bytes, and there overlapping word compares cost less than
-/// the call to `memcmp` that `==` makes (a twentieth of the engine's time
-/// before short strings were keyed by [`short_key`]).
+/// Whether `a` and `b` hold the same bytes. The interned values compared
+/// here (those too long for a [`short_key`]: some keywords, IPv6 range
+/// texts) are mostly 16 to 32 bytes, and there overlapping word compares
+/// cost less than the call to `memcmp` that `==` makes.
 #[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
@@ -961,13 +949,14 @@ mod tests {
             }
             let mut want = cells.clone();
             want.sort_by_key(|a| i.resolve(a.0));
-            let (mut wide, mut unpacked) = (cells.clone(), cells.clone());
-            i.sort_cells(&mut cells);
-            assert_eq!(cells, want, "{n} cells");
-            i.sort_cells_as(&mut wide, Packing::Wide);
-            assert_eq!(wide, want, "{n} cells, ranks packed with the index");
-            i.sort_cells_as(&mut unpacked, Packing::Compare);
-            assert_eq!(unpacked, want, "{n} cells, ranks compared one by one");
+            // The output vector holds stale cells first: it is cleared.
+            let mut sorted = cells.clone();
+            i.sorted_cells(&cells, &mut sorted);
+            assert_eq!(sorted, want, "{n} cells");
+            i.sorted_cells_as(&cells, &mut sorted, Packing::Wide);
+            assert_eq!(sorted, want, "{n} cells, ranks packed with the index");
+            i.sorted_cells_as(&cells, &mut sorted, Packing::Compare);
+            assert_eq!(sorted, want, "{n} cells, ranks compared one by one");
         }
     }
 

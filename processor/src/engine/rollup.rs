@@ -614,11 +614,12 @@ mod tests {
         let g = interner.grain("b", "a", "k", "s", "1.1.1.0/24", "d");
         cells.push((g, Measures::click(5)));
         // As `WindowStore::close_until` hands them out.
-        interner.sort_cells(&mut cells);
+        let mut sorted = Vec::new();
+        interner.sorted_cells(&cells, &mut sorted);
         ClosedWindow {
             start: 0,
             end: 60_000,
-            cells,
+            cells: sorted,
         }
     }
 

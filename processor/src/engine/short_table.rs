@@ -1,8 +1,8 @@
 //! The interner's table of short strings ([`Interner`](super::ids::Interner)):
 //! ids by [`short_key`], the string itself packed into one integer.
 //!
-//! Nearly every dimension value (campaign, ad, keyword, state and device
-//! ids) is at most [`SHORT_MAX`] bytes, and each impression interns five.
+//! Nearly every campaign, ad, state and device id, and most keywords, are
+//! at most [`SHORT_MAX`] bytes, and each impression interns five values.
 //! Held in a general hash table they cost a seeded string hash, a group
 //! probe and a compare through the string's box; here the entry holds the
 //! key, so a lookup is two multiplies, one load and one compare.
@@ -91,6 +91,12 @@ impl ShortTable {
     /// The id of `key`.
     #[inline]
     pub fn find(&self, key: u128) -> Option<u32> {
+        self.position(key).map(|p| self.entries[p].1)
+    }
+
+    /// Where `key`'s entry is.
+    #[inline]
+    fn position(&self, key: u128) -> Option<usize> {
         let mask = self.mask();
         let mut p = self.home(key);
         loop {
@@ -99,7 +105,7 @@ impl ShortTable {
                 return None;
             }
             if k == key {
-                return Some(id);
+                return Some(p);
             }
             p = (p + 1) & mask;
         }
@@ -132,18 +138,10 @@ impl ShortTable {
 
     /// Removes `key`; false if it was absent.
     pub fn remove(&mut self, key: u128) -> bool {
+        let Some(mut hole) = self.position(key) else {
+            return false;
+        };
         let mask = self.mask();
-        let mut hole = self.home(key);
-        loop {
-            let (k, id) = self.entries[hole];
-            if id == EMPTY {
-                return false;
-            }
-            if k == key {
-                break;
-            }
-            hole = (hole + 1) & mask;
-        }
         // Later entries of the run move back into the hole when it lies
         // between their home and them, keeping the invariant.
         let mut q = (hole + 1) & mask;

@@ -84,7 +84,7 @@ impl Measures {
 pub struct ClosedWindow {
     pub start: i64,
     pub end: i64,
-    /// One cell per grain, in grain order ([`Interner::sort_cells`]); each
+    /// One cell per grain, in grain order ([`Interner::sorted_cells`]); each
     /// holds one reference to its grain.
     pub cells: Vec<(GrainId, Measures)>,
 }
